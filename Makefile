@@ -1,0 +1,41 @@
+# procsup — `make help` lists the targets.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+help:  ## List the targets.
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench,demo]'
+	touch $(STAMP)
+
+setup: $(STAMP)  ## Create .venv and install procsup with its dev, bench and demo extras.
+
+lint: $(STAMP)  ## ruff lint and format check, mypy --strict.
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint  ## Set up, lint, type-check, then run the whole suite.
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)  ## Set up, then run the demo (python -m procsup).
+	$(BIN)/python -m procsup
+
+bench: $(STAMP)  ## Run scripts/bench.py (ratios against floors measured in the same run).
+	$(BIN)/python scripts/bench.py
+
+format: $(STAMP)  ## Reformat the code with ruff.
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:  ## Remove the virtualenv and caches.
+	rm -rf $(VENV) .mypy_cache .ruff_cache *.egg-info
+
+.PHONY: help setup lint test demo bench format clean

@@ -1,0 +1,111 @@
+"""Shared fixtures: one start-method parametrization and the autouse leak check."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psutil
+import pytest
+
+START_METHODS = ("forkserver", "spawn", "fork")
+
+# Long-lived helpers that multiprocessing (and procsup) start once per test session on purpose.
+_DAEMON_MARKERS = ("forkserver", "resource_tracker", "procsup._zygote")
+
+
+@pytest.fixture(params=START_METHODS)
+def start_method(request: pytest.FixtureRequest) -> str:
+    """Each test that takes this fixture runs once per start method."""
+    return str(request.param)
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    fds: frozenset[str]
+    threads: frozenset[int]
+    children: frozenset[int]
+    shm: frozenset[str]
+
+
+def _is_daemon(proc: psutil.Process) -> bool:
+    try:
+        cmdline = " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return False
+    return any(marker in cmdline for marker in _DAEMON_MARKERS)
+
+
+def _children() -> frozenset[int]:
+    me = psutil.Process()
+    return frozenset(p.pid for p in me.children(recursive=True) if not _is_daemon(p))
+
+
+def _snapshot() -> _Snapshot:
+    fds = frozenset(
+        f"{fd}->{_readlink(f'/proc/self/fd/{fd}')}" for fd in os.listdir("/proc/self/fd")
+    )
+    return _Snapshot(
+        fds=fds,
+        threads=frozenset(t.ident or 0 for t in threading.enumerate()),
+        children=_children(),
+        shm=frozenset(os.listdir("/dev/shm")),
+    )
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return "?"
+
+
+def _leaks(before: _Snapshot, after: _Snapshot) -> list[str]:
+    problems = []
+    # Descriptors of long-lived daemons (forkserver socket, resource tracker pipe) are opened once.
+    new_fds = {
+        fd
+        for fd in after.fds - before.fds
+        if "forkserver" not in fd and not fd.endswith("->?") and "procsup-zygote" not in fd
+    }
+    if new_fds:
+        problems.append(f"fds left open: {sorted(new_fds)}")
+    new_threads = after.threads - before.threads
+    if new_threads:
+        names = [t.name for t in threading.enumerate() if t.ident in new_threads]
+        problems.append(f"threads left running: {names}")
+    new_children = after.children - before.children
+    if new_children:
+        problems.append(f"processes left running: {sorted(new_children)}")
+    new_shm = after.shm - before.shm
+    if new_shm:
+        problems.append(f"/dev/shm entries left: {sorted(new_shm)}")
+    return problems
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Fail the test if it leaves processes, fds, threads or shared memory behind."""
+    before = _snapshot()
+    yield
+    deadline = time.monotonic() + 10.0
+    while True:
+        gc.collect()
+        problems = _leaks(before, _snapshot())
+        if not problems or time.monotonic() > deadline:
+            break
+        # Reaping and thread exit are asynchronous; give them a bounded moment to finish.
+        psutil.wait_procs(
+            [psutil.Process(pid) for pid in _children() if psutil.pid_exists(pid)], timeout=0.05
+        )
+    if problems:
+        for pid in _children():
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
+        pytest.fail("leak: " + "; ".join(problems))
