@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gc
+import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import threading
 import time
@@ -16,6 +19,7 @@ START_METHODS = ("forkserver", "spawn", "fork")
 
 # Long-lived helpers that multiprocessing (and procsup) start once per test session on purpose.
 _DAEMON_MARKERS = ("forkserver", "resource_tracker", "procsup._zygote")
+_LONG_LIVED_FDS = ("forkserver", "procsup-zygote", "memfd:procsup-tokens")
 
 
 @pytest.fixture(params=START_METHODS)
@@ -45,9 +49,22 @@ def _children() -> frozenset[int]:
     return frozenset(p.pid for p in me.children(recursive=True) if not _is_daemon(p))
 
 
+def _daemon_fds() -> set[str]:
+    """The fds multiprocessing keeps open to its once-per-process helper processes."""
+    fds = {
+        getattr(multiprocessing.forkserver._forkserver, "_forkserver_alive_fd", None),
+        getattr(multiprocessing.resource_tracker._resource_tracker, "_fd", None),
+    }
+    return {str(fd) for fd in fds if fd is not None}
+
+
 def _snapshot() -> _Snapshot:
+    multiprocessing.active_children()  # joins finished Process objects, closing their sentinels
+    daemons = _daemon_fds()
     fds = frozenset(
-        f"{fd}->{_readlink(f'/proc/self/fd/{fd}')}" for fd in os.listdir("/proc/self/fd")
+        f"{fd}->{_readlink(f'/proc/self/fd/{fd}')}"
+        for fd in os.listdir("/proc/self/fd")
+        if fd not in daemons
     )
     return _Snapshot(
         fds=fds,
@@ -66,11 +83,12 @@ def _readlink(path: str) -> str:
 
 def _leaks(before: _Snapshot, after: _Snapshot) -> list[str]:
     problems = []
-    # Descriptors of long-lived daemons (forkserver socket, resource tracker pipe) are opened once.
+    # Opened once per process on purpose: the forkserver socket, and the token arena (a memfd
+    # that every token of the process family shares, mapped for the life of the process).
     new_fds = {
         fd
         for fd in after.fds - before.fds
-        if "forkserver" not in fd and not fd.endswith("->?") and "procsup-zygote" not in fd
+        if not any(mark in fd for mark in _LONG_LIVED_FDS) and not fd.endswith("->?")
     }
     if new_fds:
         problems.append(f"fds left open: {sorted(new_fds)}")

@@ -1,0 +1,86 @@
+"""Linux futexes on shared memory: the kernel's wait queue, with nothing to unlock.
+
+A futex wait sleeps while a 32-bit word still holds an expected value; a wake rouses the sleepers
+on that word. Neither side owns anything, so a process killed while waiting or waking leaves no
+state behind: exactly what a kill-safe cancellation flag needs. The words live in a
+``MAP_SHARED`` memfd mapping, so these are the shared (not ``FUTEX_PRIVATE``) operations.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import sys
+
+__all__ = ["futex_wait", "futex_wake"]
+
+if not sys.platform.startswith("linux"):  # pragma: no cover - procsup targets Linux
+    raise ImportError(f"procsup needs Linux futexes (sys.platform is {sys.platform!r})")
+
+# SYS_futex differs per architecture; these are the kernel's own numbers.
+_SYS_FUTEX = {
+    "x86_64": 202,
+    "aarch64": 98,
+    "riscv64": 98,
+    "ppc64le": 221,
+    "ppc64": 221,
+    "s390x": 238,
+    "i686": 240,
+    "i386": 240,
+    "armv7l": 240,
+}[platform.machine()]
+_FUTEX_WAIT = 0
+_FUTEX_WAKE = 1
+_WAKE_ALL = 0x7FFFFFFF
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
+# CDLL (not PyDLL) releases the GIL for the duration of the call.
+_syscall = ctypes.CDLL(None, use_errno=True).syscall
+_syscall.restype = ctypes.c_long
+_syscall.argtypes = (
+    ctypes.c_long,
+    ctypes.c_void_p,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_int,
+)
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def futex_wait(address: int, expected: int, timeout: float | None) -> None:
+    """Sleep while the word at ``address`` equals ``expected``, at most ``timeout`` seconds.
+
+    Returns on a wake, a timeout, a signal or a value mismatch alike: callers re-check the word.
+    """
+    if timeout is None:
+        _syscall(_SYS_FUTEX, address, _FUTEX_WAIT, _signed(expected), None, None, 0)
+        return
+    seconds = int(timeout)
+    spec = _Timespec(seconds, int((timeout - seconds) * 1e9))
+    _syscall(_SYS_FUTEX, address, _FUTEX_WAIT, _signed(expected), ctypes.addressof(spec), None, 0)
+
+
+def futex_wake(address: int) -> None:
+    """Wake every process and thread sleeping on the word at ``address``."""
+    _syscall(_SYS_FUTEX, address, _FUTEX_WAKE, _WAKE_ALL, None, None, 0)
+
+
+def _check() -> None:
+    # A cheap self-test at import: a wake with no sleeper must answer 0, not ENOSYS.
+    word = ctypes.c_uint32(0)
+    if _syscall(_SYS_FUTEX, ctypes.addressof(word), _FUTEX_WAKE, 1, None, None, 0) < 0:
+        err = ctypes.get_errno()
+        raise ImportError(f"futex syscall unavailable: {os.strerror(err)}")
+
+
+_check()
