@@ -6,9 +6,28 @@ so the whole system shuts down cleanly and the caller learns exactly what happen
 
 from __future__ import annotations
 
+from procsup._errors import (
+    CriticalTaskError,
+    NotDetachedError,
+    RemoteTraceback,
+    TaskCrashedError,
+    TaskFailedError,
+    TaskPanickedError,
+)
+from procsup._handle import CriticalTaskExecutionHandle
+from procsup._supervisor import Supervisor, default_supervisor
 from procsup._token import CancellationToken, DropGuard
 
 __all__ = [
     "CancellationToken",
+    "CriticalTaskError",
+    "CriticalTaskExecutionHandle",
     "DropGuard",
+    "NotDetachedError",
+    "RemoteTraceback",
+    "Supervisor",
+    "TaskCrashedError",
+    "TaskFailedError",
+    "TaskPanickedError",
+    "default_supervisor",
 ]

@@ -1,0 +1,257 @@
+"""CriticalTaskExecutionHandle: the caller's side of one critical task in one child process.
+
+The handle is a thin view on a supervisor's record of the task (``procsup._supervisor._Task``): the
+outcome is decided, the parent token cancelled and the process reaped by the supervisor thread,
+whether or not anybody holds the handle. What the handle adds is the seed's contract with its
+caller: ``join()`` or ``detach()`` before letting go.
+
+Things that don't work
+----------------------
+- Raising from ``__del__`` the way the seed's ``Drop`` panics: Python reports exceptions raised in
+  finalizers through ``sys.unraisablehook`` and carries on, which is what we want anyway (the task
+  keeps running, supervised); a ``with`` block is where we can raise for real.
+- Deciding outcomes in ``join()``: a detached task nobody joins must still cancel its parent within
+  milliseconds of failing (seed tests 9 and 10), so ``join()`` only reads a published outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Any, Concatenate, Generic, TypeVar, overload
+
+from procsup._errors import NotDetachedError
+from procsup._supervisor import _REAP_DEADLINE, Supervisor, _Task, default_supervisor
+from procsup._token import CancellationToken, check_timeout
+
+__all__ = ["CriticalTaskExecutionHandle"]
+
+T = TypeVar("T")
+
+_NOT_DETACHED = "Critical task was not detached prior to drop!"
+
+
+class CriticalTaskExecutionHandle(Generic[T]):
+    """Runs ``task_fn(token, *args, **kwargs)`` in a child process as a critical task.
+
+    ``token`` is ``parent_token.child_token()``, created before the process starts (so a task whose
+    parent is already cancelled starts with a cancelled token). If the task raises, exits without
+    reporting or crashes, the supervisor cancels ``parent_token`` before publishing the outcome,
+    whether or not the handle is still held. ``handle.cancel()`` asks the task to stop gracefully
+    and never touches the parent.
+
+    ``task_fn`` may be an ``async def``; it then runs in a fresh event loop in the child. Under the
+    spawn and forkserver start methods it must be importable (defined at module level), and args
+    and kwargs picklable; tokens, multiprocessing Events, Values and Queues may be among them.
+
+    Args:
+        task_fn: The task; called in the child with its token first.
+        parent_token: Cancelled if the task fails.
+        description: Names the task in errors, logs and the parent's cancellation cause.
+        args: Positional arguments after the token.
+        kwargs: Keyword arguments, or None.
+        runtime: The ``Supervisor`` to run under; None means the process-wide default one.
+
+    Raises:
+        TypeError: ``task_fn`` is not callable or (under spawn/forkserver) not importable, or
+            ``parent_token``, ``description``, ``args``, ``kwargs`` or ``runtime`` has a wrong
+            type, or the arguments cannot be pickled. No process is started then.
+        RuntimeError: ``runtime`` has been shut down.
+
+    A handle must be joined (``join``, ``join_async``, ``stop``) or ``detach()``-ed before it is
+    dropped, else ``NotDetachedError`` is reported through ``sys.unraisablehook``; leaving a
+    ``with`` block without doing so raises it.
+    """
+
+    __module__ = "procsup"
+
+    @overload
+    def __init__(
+        self: CriticalTaskExecutionHandle[T],
+        task_fn: Callable[Concatenate[CancellationToken, ...], Awaitable[T]],
+        parent_token: CancellationToken,
+        description: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        runtime: Supervisor | None = None,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self: CriticalTaskExecutionHandle[T],
+        task_fn: Callable[Concatenate[CancellationToken, ...], T],
+        parent_token: CancellationToken,
+        description: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        runtime: Supervisor | None = None,
+    ) -> None: ...
+
+    def __init__(
+        self,
+        task_fn: Callable[Concatenate[CancellationToken, ...], Any],
+        parent_token: CancellationToken,
+        description: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        runtime: Supervisor | None = None,
+    ) -> None:
+        self._detached = True  # until the task exists, there is nothing to report on drop
+        if runtime is not None and not isinstance(runtime, Supervisor):
+            raise TypeError(f"runtime must be a Supervisor or None, not {type(runtime).__name__}")
+        sup = default_supervisor() if runtime is None else runtime
+        self._task: _Task = sup._start(task_fn, parent_token, description, args, kwargs)
+        self._runtime = sup
+        self._detached = False
+
+    @classmethod
+    def new(
+        cls,
+        task_fn: Callable[Concatenate[CancellationToken, ...], Any],
+        parent_token: CancellationToken,
+        description: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> CriticalTaskExecutionHandle[Any]:
+        """Start a critical task on the process-wide default supervisor (seed parity)."""
+        return cls(task_fn, parent_token, description, args=args, kwargs=kwargs)
+
+    @classmethod
+    def new_with_runtime(
+        cls,
+        task_fn: Callable[Concatenate[CancellationToken, ...], Any],
+        parent_token: CancellationToken,
+        description: str,
+        runtime: Supervisor,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> CriticalTaskExecutionHandle[Any]:
+        """Start a critical task on ``runtime`` (seed parity)."""
+        return cls(task_fn, parent_token, description, args=args, kwargs=kwargs, runtime=runtime)
+
+    @property
+    def description(self) -> str:
+        """The description given at creation."""
+        return self._task.description
+
+    @property
+    def pid(self) -> int:
+        """The task's process id."""
+        return self._task.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        """None until the process has been reaped; then its exit code, ``-N`` for signal N."""
+        return self._task.exitcode
+
+    def is_finished(self) -> bool:
+        """Return True once the outcome is published (process reaped, parent cancelled if due)."""
+        return self._task.future.done()
+
+    def is_cancelled(self) -> bool:
+        """Return True if the task's own token is cancelled (by ``cancel()`` or an ancestor)."""
+        return self._task.token.is_cancelled()
+
+    def cancel(self) -> None:
+        """Ask the task to stop by cancelling its token; never cancels the parent. Idempotent."""
+        self._task.token.cancel(f"Critical task '{self.description}' was cancelled by its handle")
+
+    def join(self, timeout: float | None = None) -> T:
+        """Wait for the task's outcome and return its value, or raise its error.
+
+        Args:
+            timeout: Seconds to wait; None waits for as long as it takes; 0 does not block.
+
+        Returns:
+            The task's return value, once its process has exited and been reaped.
+
+        Raises:
+            TaskFailedError: the task raised an ``Exception``.
+            TaskPanickedError: the task raised another ``BaseException``.
+            TaskCrashedError: the process died without reporting, or was stopped on request.
+            CriticalTaskError: the supervisor was lost before the outcome was known.
+            TimeoutError: ``timeout`` elapsed; nothing is cancelled and ``join`` may be retried.
+            ValueError, TypeError: ``timeout`` is negative, NaN or not a number.
+
+        May be called any number of times; each call returns (or raises) the same outcome.
+        """
+        wait = check_timeout(timeout)
+        self._detached = True  # as in the seed, join() consumes the obligation to detach
+        try:
+            return self._task.future.result(wait)  # type: ignore[no-any-return]
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(
+                f"Critical task '{self.description}' (pid {self.pid}) did not finish within "
+                f"{timeout} s; it is still running and supervised"
+            ) from None
+
+    async def join_async(self) -> T:
+        """Asyncio form of ``join()``: same value, same errors.
+
+        Cancelling the awaiting coroutine (e.g. ``asyncio.wait_for`` timing out) cancels nothing in
+        the task.
+        """
+        self._detached = True
+        return await asyncio.wrap_future(self._task.future)
+
+    def detach(self) -> None:
+        """Let the handle go: the task keeps running, supervised; its parent is still cancelled if
+        it fails. Idempotent."""
+        self._detached = True
+
+    def stop(self, timeout: float | None = 5.0) -> T:
+        """Cancel the task, wait ``timeout`` seconds, then SIGTERM and (a second later) SIGKILL its
+        whole process tree; return or raise like ``join()``.
+
+        Args:
+            timeout: Seconds the task gets to honour cancellation; None waits forever, 0 escalates
+                at once.
+
+        A task killed here raises ``TaskCrashedError`` with ``stopped=True`` and leaves its parent
+        token alone; a task that returns or fails in time behaves exactly as with ``join()``.
+        """
+        wait = check_timeout(timeout)
+        self._detached = True
+        self._task.token.cancel(f"Critical task '{self.description}' stop requested")
+        if concurrent.futures.wait([self._task.future], wait).not_done:
+            self._runtime._escalate(
+                [self._task], f"it did not honour cancellation within {timeout} s"
+            )
+        return self.join(_REAP_DEADLINE)
+
+    def __enter__(self) -> CriticalTaskExecutionHandle[T]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # With an exception in flight we do not mask it: the handle stays undetached and its drop
+        # reports NotDetachedError through sys.unraisablehook.
+        if not self._detached and exc_type is None:
+            self._detached = True
+            raise self._not_detached()
+
+    def _not_detached(self) -> NotDetachedError:
+        return NotDetachedError(
+            f"{_NOT_DETACHED} (task '{self.description}', pid {self.pid})",
+            description=self.description,
+            pid=self.pid,
+        )
+
+    def __del__(self) -> None:
+        if not getattr(self, "_detached", True):
+            self._detached = True
+            raise self._not_detached()
+
+    def __repr__(self) -> str:
+        task = self._task
+        if task.future.done():
+            state = f"finished, exitcode={task.exitcode}"
+        else:
+            state = "cancelled" if task.token.is_cancelled() else "running"
+        return f"<CriticalTaskExecutionHandle {task.description!r} pid={task.pid} {state}>"

@@ -1,0 +1,171 @@
+"""Every ``sys.platform`` and signal branch: how a task died, in words, and how to stop one.
+
+The supervisor learns an exit status as multiprocessing reports it (``Process.exitcode``):
+``n >= 0`` for a normal exit with code ``n``, ``-s`` for death by signal ``s``. This module turns
+that number into the text of a ``TaskCrashedError`` (the signal's name and its likely cause) and
+owns the few OS calls that differ between platforms: knowing when a task process has exited,
+putting it in its own process group, and signalling its whole process tree.
+
+Things that don't work
+----------------------
+- ``signal.strsignal()`` alone: it gives "Killed" or "Segmentation fault", never the name a user
+  greps for, and says nothing about *why* (SIGKILL is nearly always the OOM killer).
+- ``os.killpg()`` alone to stop a tree: a grandchild that called ``setsid()``/``setpgid()`` (a
+  nested critical task does) leaves the group, so the tree is also walked with psutil.
+- The ``Process.sentinel`` of a fork or spawn child as the death signal: it is a pipe whose write
+  end the child holds, so a grandchild that inherits it delays the "death" until the grandchild
+  exits too (pebble, loky and ProcessPoolExecutor notice ~4 s late here). A pidfd fires when the
+  process itself exits. Under forkserver the sentinel is fine: it is the forkserver's socket, which
+  the task never holds, and the forkserver writes the status on it after reaping.
+- Guessing a crash from exit code 1: CPython exits with 1 after an uncaught exception *and* the task
+  may ``os._exit(1)``; only the absence of a reported outcome says "died without reporting".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from multiprocessing.process import BaseProcess
+
+import psutil
+
+__all__ = [
+    "describe_exit",
+    "detach_process_group",
+    "enlarge_pipe",
+    "exit_notifier",
+    "signal_name",
+    "signal_tree",
+]
+
+# Why a process usually dies of a signal, phrased for the person reading the traceback.
+_LIKELY_CAUSE: dict[str, str] = {
+    "SIGKILL": "out of memory or killed externally",
+    "SIGSEGV": "invalid memory access, usually a bug in a C extension or ctypes code",
+    "SIGABRT": "aborted: os.abort(), a failed C assertion or a fatal interpreter error",
+    "SIGBUS": "bus error: a bad memory mapping, e.g. a file truncated under an mmap",
+    "SIGFPE": "arithmetic error in native code, e.g. an integer division by zero",
+    "SIGILL": "illegal instruction: native code built for another CPU, or corrupted memory",
+    "SIGTERM": "terminated externally",
+    "SIGINT": "interrupted",
+    "SIGQUIT": "quit from the keyboard or killed externally",
+    "SIGHUP": "its terminal or session went away",
+    "SIGPIPE": "wrote to a pipe or socket nobody reads",
+    "SIGXCPU": "CPU time limit exceeded",
+    "SIGXFSZ": "file size limit exceeded",
+    "SIGSYS": "forbidden system call (seccomp)",
+    "SIGALRM": "an alarm went off with no handler installed",
+    "SIGUSR1": "killed by a user-defined signal with no handler installed",
+    "SIGUSR2": "killed by a user-defined signal with no handler installed",
+}
+
+# Windows reports crashes as NTSTATUS exit codes rather than signals.
+_NTSTATUS: dict[int, tuple[str, str]] = {
+    0xC0000005: ("STATUS_ACCESS_VIOLATION", "invalid memory access, usually a C extension bug"),
+    0xC00000FD: ("STATUS_STACK_OVERFLOW", "stack overflow, e.g. unbounded recursion"),
+    0xC0000409: ("STATUS_STACK_BUFFER_OVERRUN", "aborted by a fail-fast check"),
+    0xC0000017: ("STATUS_NO_MEMORY", "out of memory"),
+    0xC000013A: ("STATUS_CONTROL_C_EXIT", "interrupted"),
+}
+
+
+def signal_name(signum: int) -> str:
+    """Return the conventional name of ``signum`` ("SIGKILL"), or "signal N" if it has none."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        if hasattr(signal, "SIGRTMIN") and signal.SIGRTMIN <= signum <= signal.SIGRTMAX:
+            return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
+        return f"signal {signum}"
+
+
+def describe_exit(exitcode: int) -> tuple[str, str | None]:
+    """Describe a task process that died without reporting an outcome.
+
+    Args:
+        exitcode: ``Process.exitcode``: ``-s`` for signal ``s``, else the exit code.
+
+    Returns:
+        ``(text, signal)``: ``text`` completes "Critical task 'x' crashed: ...", e.g. "killed by
+        SIGKILL (signal 9): out of memory or killed externally"; ``signal`` is the signal's name,
+        or None when the process exited rather than being killed.
+    """
+    if exitcode < 0:
+        signum = -exitcode
+        name = signal_name(signum)
+        cause = _LIKELY_CAUSE.get(name, "killed externally")
+        return f"killed by {name} (signal {signum}): {cause}", name
+    if sys.platform == "win32" and (exitcode & 0xFFFFFFFF) in _NTSTATUS:
+        status, cause = _NTSTATUS[exitcode & 0xFFFFFFFF]
+        return f"died with {status} (0x{exitcode & 0xFFFFFFFF:08X}): {cause}", None
+    if exitcode == 0:
+        return (
+            "exited with code 0 before reporting a result "
+            "(os._exit(0) or a native exit(0) inside the task)",
+            None,
+        )
+    return (
+        f"exited with code {exitcode} without reporting a result "
+        "(os._exit(), a native exit() or a fatal interpreter error)",
+        None,
+    )
+
+
+def detach_process_group() -> None:
+    """Put the calling process in a process group of its own, so a stop reaches its whole tree.
+
+    Also keeps a Ctrl-C typed at the terminal away from the task: the terminal signals only the
+    foreground group, the supervisor's, which cancels the tree instead.
+    """
+    if sys.platform == "win32":  # pragma: no cover - no process groups; Job Objects would do
+        return
+    # EPERM when the task already leads a session; it is then in a group of its own anyway.
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+
+
+def signal_tree(pid: int, signum: int) -> None:
+    """Send ``signum`` to process ``pid``, its process group and every descendant still alive.
+
+    Never raises for processes that are already gone.
+    """
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        descendants = []
+    if sys.platform != "win32":
+        # The task leads its own group unless it has not reached detach_process_group() yet;
+        # never signal a group the task does not lead (it would be the supervisor's).
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signum)
+    with contextlib.suppress(OSError):
+        os.kill(pid, signum)
+    for proc in descendants:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            proc.send_signal(signum)
+
+
+def exit_notifier(proc: BaseProcess, start_method: str) -> tuple[int, bool]:
+    """Return ``(fd, owned)``: ``fd`` becomes readable once ``proc`` has exited.
+
+    ``owned`` is True when the caller must close ``fd`` (a pidfd); otherwise it is the process's
+    sentinel, closed by ``proc.close()``.
+    """
+    if start_method != "forkserver" and hasattr(os, "pidfd_open"):
+        try:
+            return os.pidfd_open(proc.pid or 0), True
+        except OSError:
+            pass  # ENOSYS (kernel < 5.3) or a seccomp filter: fall back to the sentinel
+    return proc.sentinel, False
+
+
+def enlarge_pipe(fd: int) -> None:
+    """Grow a pipe's buffer to 1 MiB where the OS allows, so big results cross in fewer wake-ups."""
+    if sys.platform.startswith("linux"):
+        import fcntl
+
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
