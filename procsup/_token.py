@@ -8,8 +8,8 @@
                                          ▲ parent      word = 2g + cancelled
     is_cancelled(): one 32-bit load of slot.word, compared with 2g   (no lock, no syscall)
     wait():         FUTEX_WAIT on slot.word while it still reads 2g
-    cancel():       under the arena lock: word |= 1 on the node, then on every live node whose
-                    parent is cancelled (a scan of parent links, repeated until nothing changes);
+    cancel():       under the arena lock: word |= 1 on the node, then on each live descendant
+                    (a walk of first-child/next-sibling links, so O(subtree));
                     unlock; FUTEX_WAKE each newly cancelled node that has ever had a waiter.
 
 A token is a handle on one slot of an arena. An arena is created lazily, once per process family:
@@ -26,12 +26,16 @@ Invariants of a slot (``_SLOT_WORDS`` 32-bit words; slot 0 and 1 hold the header
   dropping a token never cuts grandchildren off from their grandparent).
 - ``cause`` is non-zero iff ``c`` is 1, and is written before ``c``, under the lock.
 - A live node whose parent is cancelled is cancelled, except inside ``cancel()`` or after a
-  canceller died mid-scan; the header's ``dirty`` word is 1 exactly then, and the next lock holder
-  that sees it repeats the scan.
+  canceller died mid-walk; the header's ``dirty`` word names the walk's root exactly then, and the
+  next lock holder that sees it walks again.
+- ``first``/``next``/``prev`` link every live child into its parent's list of children, except
+  while a link or unlink is under way; the header's journal (``op`` and its arguments, written
+  before ``op``) is non-zero exactly then, and the next lock holder that sees it redoes the steps,
+  which are idempotent.
 - ``hint`` is 1 once anybody has waited on the slot; it is never cleared while the slot lives.
 
-Every multi-word update is ordered so that a process killed between any two stores leaves, at
-worst, a slot or a cause record leaked (``refs`` too high), never a structure another process
+Every other multi-word update is ordered so that a process killed between any two stores leaves,
+at worst, a slot or a cause record leaked (``refs`` too high), never a structure another process
 could trip on.
 
 Things that don't work
@@ -78,12 +82,14 @@ T = TypeVar("T")
 
 # Slot layout, in 32-bit words.
 _SLOT_WORDS = 8
-_WORD, _REFS, _PARENT, _CAUSE, _HINT, _NEXT_FREE = range(6)
+_WORD, _REFS, _PARENT, _CAUSE, _HINT, _FIRST, _NEXT, _PREV = range(8)
 _SLOTS = 1 << 20  # 32 MiB of address space; pages are touched only as slots are used
 _FIRST_SLOT = 2  # slots 0 and 1 hold the header, so a parent of 0 means "no parent"
 
 # Header words (inside slots 0 and 1).
 _H_MAGIC, _H_HIGH, _H_FREE, _H_CAUSE_HIGH, _H_CAUSE_FREE, _H_DIRTY = range(6)
+_H_OP, _H_A, _H_B, _H_C, _H_D = range(6, 11)  # the redo journal of one sibling-list update
+_OP_LINK, _OP_UNLINK = 1, 2
 _MAGIC = 0x50524F43  # "PROC"
 
 # Cause records follow the slots: [refs, nbytes, utf-8 text...].
@@ -198,8 +204,10 @@ class _Arena:
         except BaseException:
             self._thread_lock.release()
             raise
+        if self.words[_H_OP]:
+            self._redo()
         if self.words[_H_DIRTY]:
-            self._propagate()
+            self._cancel_descendants(self.words[_H_DIRTY])
 
     def unlock(self) -> None:
         """Drain queued releases, unlock, then wake the waiters of every slot changed meanwhile."""
@@ -232,7 +240,7 @@ class _Arena:
         w = self.words
         slot = w[_H_FREE]
         if slot:
-            w[_H_FREE] = w[slot * _SLOT_WORDS + _NEXT_FREE]
+            w[_H_FREE] = w[slot * _SLOT_WORDS + _NEXT]
         else:
             slot = w[_H_HIGH]
             if slot >= _SLOTS:
@@ -241,8 +249,7 @@ class _Arena:
         base = slot * _SLOT_WORDS
         live = w[base + _WORD] & ~1
         w[base + _PARENT] = parent
-        w[base + _HINT] = 0
-        w[base + _CAUSE] = 0
+        w[base + _HINT] = w[base + _CAUSE] = w[base + _FIRST] = w[base + _NEXT] = 0
         word = live
         if parent:
             pbase = parent * _SLOT_WORDS
@@ -252,8 +259,9 @@ class _Arena:
                 self._cause_ref(cause)
                 w[base + _CAUSE] = cause
                 word |= 1
+            self._journaled(_OP_LINK, slot, parent, w[pbase + _FIRST])
         w[base + _WORD] = word
-        w[base + _REFS] = 1  # publish last: until now the slot reads as free to every scan
+        w[base + _REFS] = 1  # publish last: until now the slot reads as dead to every walk
         return slot, live
 
     def incref(self, slot: int) -> None:
@@ -268,13 +276,40 @@ class _Arena:
             if refs:
                 break
             parent, cause = w[base + _PARENT], w[base + _CAUSE]
+            if parent:
+                self._journaled(_OP_UNLINK, slot, parent, w[base + _PREV], w[base + _NEXT])
             w[base + _WORD] = ((w[base + _WORD] >> 1) + 1 & 0x7FFFFFFF) << 1  # next gen, live
             self._woken.append(slot)
             w[base + _PARENT] = w[base + _CAUSE] = 0
             self._cause_unref(cause)
-            w[base + _NEXT_FREE] = w[_H_FREE]
+            w[base + _NEXT] = w[_H_FREE]
             w[_H_FREE] = slot
             slot = parent
+
+    def _journaled(self, op: int, a: int, b: int, c: int, d: int = 0) -> None:
+        """Relink siblings; a holder killed halfway leaves the journal for the next to redo."""
+        w = self.words
+        w[_H_A], w[_H_B], w[_H_C], w[_H_D] = a, b, c, d
+        w[_H_OP] = op  # commit point: from here the steps below are redone until finished
+        self._redo()
+
+    def _redo(self) -> None:
+        w = self.words
+        op, node, parent, c, d = w[_H_OP], w[_H_A], w[_H_B], w[_H_C], w[_H_D]
+        if op == _OP_LINK:  # c: parent's first child before the link
+            w[node * _SLOT_WORDS + _PREV] = 0
+            w[node * _SLOT_WORDS + _NEXT] = c
+            if c:
+                w[c * _SLOT_WORDS + _PREV] = node
+            w[parent * _SLOT_WORDS + _FIRST] = node
+        elif op == _OP_UNLINK:  # c, d: the node's previous and next siblings
+            if c:
+                w[c * _SLOT_WORDS + _NEXT] = d
+            else:
+                w[parent * _SLOT_WORDS + _FIRST] = d
+            if d:
+                w[d * _SLOT_WORDS + _PREV] = c
+        w[_H_OP] = 0
 
     def cancel(self, slot: int, reason: str | None) -> None:
         w = self.words
@@ -283,32 +318,31 @@ class _Arena:
             w[base + _CAUSE] = self._cause_new(reason)
             w[base + _WORD] |= 1
             self._woken.append(slot)
-        if w[base + _REFS] > 1 or w[_H_DIRTY]:  # it may have children: cancel them too
-            self._propagate()
+        if w[base + _FIRST]:
+            self._cancel_descendants(slot)
 
-    def _propagate(self) -> None:
-        """Cancel every live node whose parent is cancelled, until none is left."""
+    def _cancel_descendants(self, root: int) -> None:
+        """Cancel every live descendant of the cancelled ``root``, each with its parent's cause."""
         w = self.words
-        w[_H_DIRTY] = 1
-        end = w[_H_HIGH] * _SLOT_WORDS
-        cancelled = self._woken
-        while True:
-            words = w[_WORD:end:_SLOT_WORDS].tolist()
-            refs = w[_REFS:end:_SLOT_WORDS].tolist()
-            parents = w[_PARENT:end:_SLOT_WORDS].tolist()
-            changed = False
-            for slot in range(_FIRST_SLOT, len(words)):
-                parent = parents[slot]
-                if parent and refs[slot] and not words[slot] & 1 and words[parent] & 1:
-                    base = slot * _SLOT_WORDS
-                    cause = w[parent * _SLOT_WORDS + _CAUSE]
-                    self._cause_ref(cause)
-                    w[base + _CAUSE] = cause
-                    w[base + _WORD] = words[slot] = words[slot] | 1
-                    cancelled.append(slot)
-                    changed = True
-            if not changed:
-                break
+        w[_H_DIRTY] = root  # a holder killed mid-walk leaves this for the next to finish
+        budget = w[_H_HIGH]  # more steps than slots would mean a cycle: never loop forever
+        stack = [root]
+        while stack and budget > 0:
+            parent = stack.pop()
+            cause = w[parent * _SLOT_WORDS + _CAUSE] or _CAUSE_DEFAULT
+            child = w[parent * _SLOT_WORDS + _FIRST]
+            while child and budget > 0:
+                budget -= 1
+                base = child * _SLOT_WORDS
+                if w[base + _REFS]:  # dead nodes still on a list (a killed release) are skipped
+                    if not w[base + _WORD] & 1:
+                        self._cause_ref(cause)
+                        w[base + _CAUSE] = cause
+                        w[base + _WORD] |= 1
+                        self._woken.append(child)
+                    if w[base + _FIRST]:
+                        stack.append(child)
+                child = w[base + _NEXT]
         w[_H_DIRTY] = 0
 
     def _cause_new(self, reason: str | None) -> int:

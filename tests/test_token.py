@@ -479,3 +479,35 @@ def test_a_million_tokens_keep_rss_flat() -> None:
     grown = me.memory_info().rss - before
     assert grown < 4 * 1024 * 1024, f"RSS grew by {grown / 2**20:.1f} MiB"
     assert not root.is_cancelled()
+
+
+def test_random_trees_match_a_model() -> None:
+    """Test random creates, drops and cancels against a plain-Python model of the tree."""
+    rng = random.Random(7)
+    parent_of: dict[int, int | None] = {}
+    cancelled_here: set[int] = set()
+    tokens: dict[int, CancellationToken] = {}
+
+    def expected(node: int | None) -> bool:
+        while node is not None:
+            if node in cancelled_here:
+                return True
+            node = parent_of[node]
+        return False
+
+    for step in range(3000):
+        action = rng.random()
+        if action < 0.5 or not tokens:
+            parent = rng.choice(list(tokens)) if tokens and rng.random() < 0.9 else None
+            tokens[step] = CancellationToken() if parent is None else tokens[parent].child_token()
+            parent_of[step] = parent
+        elif action < 0.8:
+            del tokens[rng.choice(list(tokens))]  # dropping cancels nothing
+        else:
+            node = rng.choice(list(tokens))
+            tokens[node].cancel()
+            cancelled_here.add(node)
+        if step % 100 == 0:
+            gc.collect()
+            for node, token in tokens.items():
+                assert token.is_cancelled() == expected(node), (step, node)
