@@ -1,0 +1,247 @@
+"""procsup benchmarks: medians over many runs, each beside a floor measured in the same run.
+
+The machine is shared and noisy, so absolute numbers mean little; the ratios are the targets.
+
+    python scripts/bench.py                # everything
+    python scripts/bench.py tokens         # one section
+    python scripts/bench.py --quick        # fewer runs, for a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+import timeit
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from procsup import CancellationToken
+
+CTX: Any = mp.get_context("fork")  # the measuring child: what matters is the primitive inside it
+
+
+@dataclass(frozen=True)
+class Row:
+    """One benchmark line: the measured median, its floor, and the target on their ratio."""
+
+    name: str
+    value: float
+    unit: str
+    floor: float | None = None
+    floor_name: str = ""
+    target: float | None = None  # on value / floor, or on value itself when there is no floor
+    absolute: bool = False
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.floor is None else self.value / self.floor
+
+    @property
+    def ok(self) -> bool:
+        if self.target is None:
+            return True
+        measured = self.value if self.absolute or self.ratio is None else self.ratio
+        return measured <= self.target
+
+    def render(self) -> str:
+        text = f"  {self.name:<58} {self.value:>10.2f} {self.unit:<3}"
+        if self.floor is not None:
+            text += (
+                f"  floor {self.floor:>9.2f} {self.unit:<3} ({self.floor_name})  {self.ratio:5.2f}x"
+            )
+        if self.target is not None:
+            kind = f"{self.unit}" if self.absolute or self.floor is None else "x"
+            text += f"  target <= {self.target:g}{kind}  {'ok' if self.ok else 'MISSED'}"
+        return text
+
+
+def chain(root: CancellationToken, depth: int) -> CancellationToken:
+    token = root
+    for _ in range(depth):
+        token = token.child_token()
+    return token
+
+
+# --- is_cancelled() in a child process ------------------------------------------------------
+
+
+def _poll_costs(
+    tokens: dict[int, CancellationToken], runs: int, number: int, out: Any
+) -> None:  # in the child
+    event = threading.Event()
+    floor, costs = [], {depth: [] for depth in tokens}  # type: ignore[var-annotated]
+    for _ in range(runs):  # interleaved, so noise hits floor and subject alike
+        floor.append(timeit.timeit(event.is_set, number=number) / number * 1e9)
+        for depth, token in tokens.items():
+            costs[depth].append(timeit.timeit(token.is_cancelled, number=number) / number * 1e9)
+    out.send((floor, costs))
+
+
+def bench_is_cancelled(runs: int) -> list[Row]:
+    root = CancellationToken()
+    tokens = {1: chain(root, 1), 8: chain(root, 8)}
+    here, there = CTX.Pipe()
+    proc = CTX.Process(target=_poll_costs, args=(tokens, runs, 200_000, there))
+    proc.start()
+    floor, costs = here.recv()
+    proc.join()
+    f = statistics.median(floor)
+    targets = {1: 2.0, 8: 2.5}
+    return [
+        Row(
+            f"is_cancelled() in a child, depth {depth}",
+            statistics.median(costs[depth]),
+            "ns",
+            f,
+            "threading.Event.is_set",
+            targets[depth],
+        )
+        for depth in tokens
+    ]
+
+
+# --- cancel() until a child blocked in wait() returns ---------------------------------------
+
+
+def _wake_child(tokens: list[CancellationToken], conn: Any) -> None:  # in the child
+    for token in tokens:
+        conn.send_bytes(b"r")  # ready: about to block
+        conn.recv_bytes()  # pipe round trip: the floor
+        conn.send_bytes(b"p")
+        conn.send_bytes(b"r")
+        token.wait()
+        conn.send_bytes(b"w")
+
+
+def bench_cancel_latency(runs: int, depth: int) -> Row:
+    roots = [CancellationToken() for _ in range(runs)]
+    leaves = [chain(root, depth) for root in roots]
+    here, there = CTX.Pipe()
+    proc = CTX.Process(target=_wake_child, args=(leaves, there))
+    proc.start()
+    floor, wake = [], []
+    for root in roots:
+        here.recv_bytes()
+        time.sleep(0.001)  # let the child block in recv
+        start = time.perf_counter()
+        here.send_bytes(b"x")
+        here.recv_bytes()
+        floor.append((time.perf_counter() - start) * 1e6)
+        here.recv_bytes()
+        time.sleep(0.001)  # let the child block in its futex wait
+        start = time.perf_counter()
+        root.cancel()
+        here.recv_bytes()
+        wake.append((time.perf_counter() - start) * 1e6)
+    proc.join()
+    return Row(
+        f"cancel() until a child in wait() returns, depth {depth}",
+        statistics.median(wake),
+        "us",
+        statistics.median(floor),
+        "pipe round trip to the same child",
+        1.5,
+    )
+
+
+# --- CPU of a child blocked in wait() -------------------------------------------------------
+
+
+def _idle_cpu(token: CancellationToken, conn: Any) -> None:  # in the child
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    token.wait(1.0)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    conn.send(
+        (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) * 1e3,
+    )
+
+
+def bench_wait_cpu() -> Row:
+    here, there = CTX.Pipe()
+    proc = CTX.Process(target=_idle_cpu, args=(CancellationToken(), there))
+    proc.start()
+    cpu = here.recv()
+    proc.join()
+    return Row("CPU of a child blocked in wait() for 1 s", cpu, "ms", target=10, absolute=True)
+
+
+# --- child_token() --------------------------------------------------------------------------
+
+
+def _per_call_us(make: Callable[[], object], batch: int, runs: int) -> list[float]:
+    samples = []
+    for _ in range(runs):
+        keep = []
+        gc.disable()
+        start = time.perf_counter()
+        for _ in range(batch):
+            keep.append(make())
+        samples.append((time.perf_counter() - start) / batch * 1e6)
+        gc.enable()
+        del keep
+    return samples
+
+
+def bench_child_token(runs: int) -> list[Row]:
+    root = CancellationToken()
+    tokens = statistics.median(_per_call_us(root.child_token, 1000, runs))
+    events = statistics.median(_per_call_us(mp.Event, 50, max(3, runs // 4)))
+    return [
+        Row("child_token()", tokens, "us", events, "multiprocessing.Event()", 10, absolute=True),
+    ]
+
+
+def bench_big_tree() -> Row:
+    root = CancellationToken()
+    level1 = [root.child_token() for _ in range(99)]
+    leaves = [parent.child_token() for parent in level1 for _ in range(100)]
+    start = time.perf_counter()
+    root.cancel()
+    elapsed = (time.perf_counter() - start) * 1e3
+    assert all(t.is_cancelled() for t in leaves)
+    return Row("cancel() of a 10,000-token tree", elapsed, "ms", target=1000, absolute=True)
+
+
+def tokens_section(quick: bool) -> list[Row]:
+    runs = 15 if quick else 60
+    rows = bench_is_cancelled(runs)
+    rows += [bench_cancel_latency(runs * 5, depth) for depth in (1, 8)]
+    rows.append(bench_wait_cpu())
+    rows += bench_child_token(runs)
+    rows.append(bench_big_tree())
+    return rows
+
+
+SECTIONS: dict[str, Callable[[bool], list[Row]]] = {"tokens": tokens_section}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sections", nargs="*", metavar="SECTION", help=f"any of {list(SECTIONS)}")
+    parser.add_argument("--quick", action="store_true", help="fewer runs (a smoke test)")
+    args = parser.parse_args(argv)
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s) {sorted(unknown)}; choose from {list(SECTIONS)}")
+    print(f"procsup bench: CPython {sys.version.split()[0]}, {os.cpu_count()} cores")
+    missed = 0
+    for name in args.sections or SECTIONS:
+        print(f"\n[{name}]")
+        for row in SECTIONS[name](args.quick):
+            print(row.render(), flush=True)
+            missed += not row.ok
+    print(f"\n{missed} target(s) missed" if missed else "\nall targets met")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
