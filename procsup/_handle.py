@@ -23,7 +23,8 @@ from types import TracebackType
 from typing import Any, Concatenate, Generic, TypeVar, overload
 
 from procsup._errors import NotDetachedError
-from procsup._supervisor import _REAP_DEADLINE, Supervisor, _Task, default_supervisor
+from procsup._monitor import REAP_DEADLINE, TaskRecord, escalate
+from procsup._supervisor import Supervisor, default_supervisor
 from procsup._token import CancellationToken, check_timeout
 
 __all__ = ["CriticalTaskExecutionHandle"]
@@ -102,8 +103,7 @@ class CriticalTaskExecutionHandle(Generic[T]):
         if runtime is not None and not isinstance(runtime, Supervisor):
             raise TypeError(f"runtime must be a Supervisor or None, not {type(runtime).__name__}")
         sup = default_supervisor() if runtime is None else runtime
-        self._task: _Task = sup._start(task_fn, parent_token, description, args, kwargs)
-        self._runtime = sup
+        self._task: TaskRecord = sup._start(task_fn, parent_token, description, args, kwargs)
         self._detached = False
 
     @classmethod
@@ -216,10 +216,8 @@ class CriticalTaskExecutionHandle(Generic[T]):
         self._detached = True
         self._task.token.cancel(f"Critical task '{self.description}' stop requested")
         if concurrent.futures.wait([self._task.future], wait).not_done:
-            self._runtime._escalate(
-                [self._task], f"it did not honour cancellation within {timeout} s"
-            )
-        return self.join(_REAP_DEADLINE)
+            escalate([self._task], f"it did not honour cancellation within {timeout} s")
+        return self.join(REAP_DEADLINE)
 
     def __enter__(self) -> CriticalTaskExecutionHandle[T]:
         return self

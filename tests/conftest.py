@@ -9,11 +9,14 @@ import multiprocessing.resource_tracker
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 import psutil
 import pytest
+
+from procsup import Supervisor, _supervisor
 
 START_METHODS = ("forkserver", "spawn", "fork")
 
@@ -26,6 +29,29 @@ _LONG_LIVED_FDS = ("forkserver", "procsup-zygote", "memfd:procsup-tokens")
 def start_method(request: pytest.FixtureRequest) -> str:
     """Each test that takes this fixture runs once per start method."""
     return str(request.param)
+
+
+@pytest.fixture
+def runtime(start_method: str) -> Iterator[Supervisor]:
+    """A Supervisor per test and start method, shut down (everything reaped) afterwards."""
+    sup = Supervisor(start_method=start_method, grace_period=2.0)
+    yield sup
+    sup.shutdown()
+
+
+@pytest.fixture
+def pipe(start_method: str) -> Iterator[Callable[[], tuple[Connection, Connection]]]:
+    """Make one-way handshake pipes ``(reader, writer)``; all are closed after the test."""
+    made: list[Connection] = []
+
+    def make() -> tuple[Connection, Connection]:
+        reader, writer = multiprocessing.get_context(start_method).Pipe(duplex=False)
+        made.extend((reader, writer))
+        return reader, writer
+
+    yield make
+    for conn in made:
+        conn.close()
 
 
 @dataclass(frozen=True)
@@ -110,6 +136,7 @@ def no_leaks() -> Iterator[None]:
     """Fail the test if it leaves processes, fds, threads or shared memory behind."""
     before = _snapshot()
     yield
+    _supervisor._shutdown_default(timeout=2.0)
     deadline = time.monotonic() + 10.0
     while True:
         gc.collect()

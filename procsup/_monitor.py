@@ -1,0 +1,331 @@
+"""The supervision thread: one per Supervisor, blocking on every task's exit and result at once.
+
+::
+
+    Supervisor._start()                      Monitor thread
+    ───────────────────                      ──────────────
+    TaskRecord(proc, conn, exit_fd) ─▶ add() ─▶ pending + wake-up byte
+                                             selector.select() blocks on
+                                               wake-up pipe │ exit fd per task │ result fd per task
+                                               (exit fd: pidfd for fork/spawn children, the
+                                                forkserver's status socket otherwise)
+                                             result fd readable ─▶ os.read what is there,
+                                                 FrameReader.feed(); a whole error frame cancels
+                                                 the parent at once
+                                             exit fd readable ─▶ drain the pipe (until EAGAIN),
+                                                 reap, classify, cancel the parent (unless a stop
+                                                 was requested), log, THEN publish on the Future
+    handle.join() ◀─ Future.result(timeout) ─────┘
+
+Things that don't work
+----------------------
+- Learning of death from pipe EOF (``multiprocessing.connection.wait`` over result pipes, as
+  ProcessPoolExecutor does): a grandchild holding the write end keeps the pipe open for as long as
+  it lives. Death comes from the exit fd; the result pipe is only drained, never waited to EOF.
+- ``Connection.recv()`` in the thread: one big result would block every other task's supervision.
+  Reads are non-blocking and bounded per wake-up (``_READS_PER_WAKE``).
+- Letting ``multiprocessing.active_children()`` or another thread's ``Process.start()`` poll our
+  processes: under forkserver, two concurrent polls read the same status socket and one of them
+  records exit code 255. Our processes leave ``multiprocessing.process._children`` right after
+  start (``Supervisor._start``) and are reaped by this thread alone.
+- Registering fds from the caller's thread: ``selectors`` keeps a plain dict beside the epoll set;
+  new tasks are queued and registered here, after a wake-up byte.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import threading
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+from procsup import _platform, _remote
+from procsup._errors import (
+    CriticalTaskError,
+    TaskCrashedError,
+    TaskFailedError,
+    TaskPanickedError,
+)
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
+    from procsup._token import CancellationToken
+
+__all__ = ["REAP_DEADLINE", "Monitor", "TaskRecord", "escalate"]
+
+logger = logging.getLogger("procsup")
+
+_READ_CHUNK = 1 << 20
+_READS_PER_WAKE = 16  # bounded so one chatty pipe cannot starve the other tasks' deaths
+_KILL_AFTER = 1.0  # seconds between SIGTERM and SIGKILL when escalating
+REAP_DEADLINE = 30.0  # after SIGKILL; only a process stuck in the kernel (D state) takes longer
+_MONITOR_LOST = "Critical task monitor was cancelled"
+
+
+class TaskRecord:
+    """Supervisor-side record of one task process.
+
+    Invariants:
+        future: RUNNING until the outcome is published, then done; never cancelled. Published only
+            after the process has been reaped and, for a failure, the parent cancelled.
+        reader: holds every result byte read so far; its ``body`` is set once the frame is whole.
+        outcome: None until a whole frame was decoded, then a Returned or the error to raise.
+        conn: open (and, once adopted, registered) until EOF or reaping; only the thread reads it.
+        exited: set under ``lock`` by the thread before it reaps, so a signal sent under ``lock``
+            never reaches a recycled pid.
+        stop_reason: None, or why procsup escalated to signals (then a crash is a "stop").
+        exitcode: None until reaped.
+    """
+
+    def __init__(
+        self,
+        description: str,
+        proc: BaseProcess,
+        token: CancellationToken,
+        parent: CancellationToken,
+        conn: Connection,
+        exit_fd: int,
+        owns_exit_fd: bool,
+    ) -> None:
+        self.description = description
+        self.proc = proc
+        self.pid: int = proc.pid or 0
+        self.token = token
+        self.parent = parent
+        self.conn: Connection | None = conn
+        self.exit_fd = exit_fd
+        self.owns_exit_fd = owns_exit_fd
+        self.reader = _remote.FrameReader()
+        self.outcome: _remote.Returned | CriticalTaskError | None = None
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.future.set_running_or_notify_cancel()  # so asyncio.wrap_future can never cancel it
+        self.lock = threading.Lock()
+        self.exited = False
+        self.stop_reason: str | None = None
+        self.exitcode: int | None = None
+
+    def release(self) -> None:
+        """Close every fd the record holds (idempotent); the process must be reaped first."""
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        if self.owns_exit_fd:
+            self.owns_exit_fd = False
+            os.close(self.exit_fd)
+        self.proc.close()
+
+
+def escalate(tasks: list[TaskRecord], reason: str) -> None:
+    """SIGTERM each task's process tree, give them ``_KILL_AFTER`` seconds, then SIGKILL the rest.
+
+    ``reason`` completes "was stopped on request: ..." in the task's ``TaskCrashedError``.
+    """
+    for task in tasks:
+        with task.lock:
+            if not task.exited:
+                task.stop_reason = reason
+                _platform.signal_tree(task.pid, signal.SIGTERM)
+    concurrent.futures.wait([task.future for task in tasks], _KILL_AFTER)
+    for task in tasks:
+        with task.lock:
+            if not task.exited:
+                _platform.signal_tree(task.pid, signal.SIGKILL)
+
+
+class Monitor:
+    """The supervision thread and what it watches.
+
+    Invariants: ``live`` holds every added task whose outcome is not published yet; ``pending``
+    those of them not yet registered with the selector; after ``exiting`` is set, ``add()`` refuses
+    new tasks and the thread returns as soon as ``live`` is empty. All three under ``lock``.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.live: set[TaskRecord] = set()
+        self._pending: list[TaskRecord] = []
+        self._exiting = False
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self._thread = threading.Thread(target=self._run, name="procsup-supervisor", daemon=True)
+        self._thread.start()
+
+    def add(self, task: TaskRecord) -> bool:
+        """Start watching ``task``; False if the monitor is exiting (the caller must clean up)."""
+        with self.lock:
+            if self._exiting:
+                return False
+            self.live.add(task)
+            self._pending.append(task)
+        self._wake()
+        return True
+
+    def close(self, timeout: float) -> bool:
+        """Let the thread return once no task is live; True once it has and fds are closed."""
+        with self.lock:
+            self._exiting = True
+        self._wake()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            return False
+        if self._wake_w >= 0:
+            self._selector.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
+        return True
+
+    @property
+    def alive(self) -> bool:
+        """True while the supervision thread runs."""
+        return self._thread.is_alive()
+
+    def _wake(self) -> None:
+        if self._wake_w < 0:
+            return
+        with contextlib.suppress(BlockingIOError):  # a full pipe already means "wake up"
+            os.write(self._wake_w, b"\0")
+
+    def _run(self) -> None:
+        try:
+            while True:
+                deaths = []
+                for key, _ in self._selector.select():
+                    role, task = key.data
+                    if role == "wake":
+                        with contextlib.suppress(BlockingIOError):
+                            while os.read(self._wake_r, 4096):
+                                pass
+                    elif role == "result":
+                        self._read(task, _READS_PER_WAKE)
+                    else:
+                        deaths.append(task)
+                # Results before deaths, so a frame that arrived with the death is not missed.
+                for task in deaths:
+                    self._finish(task)
+                with self.lock:
+                    pending, self._pending = self._pending, []
+                    done = self._exiting and not self.live
+                for task in pending:
+                    assert task.conn is not None
+                    self._selector.register(task.conn, selectors.EVENT_READ, ("result", task))
+                    self._selector.register(task.exit_fd, selectors.EVENT_READ, ("exit", task))
+                if done:
+                    return
+        except BaseException:
+            logger.exception("procsup supervisor thread died; its tasks are no longer supervised")
+        finally:
+            self._lose_all()
+
+    def _read(self, task: TaskRecord, budget: int | None) -> None:
+        """Read what the pipe holds (up to ``budget`` chunks); decode once the frame is whole."""
+        while task.conn is not None and (budget is None or budget > 0):
+            try:
+                data = os.read(task.conn.fileno(), _READ_CHUNK)
+            except BlockingIOError:
+                break
+            if not data:
+                self._selector.unregister(task.conn)
+                task.conn.close()
+                task.conn = None
+                break
+            if task.reader.feed(data) and task.outcome is None:
+                self._decode(task)
+            if budget is not None:
+                budget -= 1
+
+    def _decode(self, task: TaskRecord) -> None:
+        assert task.reader.body is not None
+        decoded = _remote.decode(task.reader.body)
+        if isinstance(decoded, _remote.Returned):
+            task.outcome = decoded
+            return
+        cls = TaskPanickedError if decoded.panicked else TaskFailedError
+        kind = "panicked" if decoded.panicked else "failed"
+        what = f"{decoded.short_name}: {decoded.message}" if decoded.message else decoded.short_name
+        error = cls(
+            f"Critical task '{task.description}' {kind}: {what}",
+            description=task.description,
+            pid=task.pid,
+            remote_traceback=decoded.text,
+        )
+        error.__cause__ = _remote.rebuild(decoded)
+        task.outcome = error
+        if task.stop_reason is None:
+            # Cancel now, not at reaping: the process may take a while to exit after reporting.
+            task.parent.cancel(str(error))
+
+    def _finish(self, task: TaskRecord) -> None:
+        """The process has exited: drain its pipe, reap it, classify, cancel, then publish."""
+        self._read(task, None)  # all it wrote is in the pipe now: it cannot block, only EAGAIN
+        self._selector.unregister(task.exit_fd)
+        if task.conn is not None:
+            self._selector.unregister(task.conn)
+        with task.lock:
+            task.exited = True
+        task.proc.join()
+        task.exitcode = exitcode = task.proc.exitcode
+        task.release()
+        with self.lock:
+            self.live.discard(task)
+        outcome = task.outcome
+        if isinstance(outcome, _remote.Returned):
+            logger.debug("Critical task '%s' completed successfully", task.description)
+            task.future.set_result(outcome.value)
+            return
+        error = outcome if outcome is not None else _crashed(task, exitcode)
+        error.exitcode = exitcode
+        if task.stop_reason is not None:
+            error = _stopped(task, exitcode, error)
+            logger.warning("%s", error)
+        else:
+            task.parent.cancel(str(error))
+            logger.error("%s", error)
+        task.future.set_exception(error)
+
+    def _lose_all(self) -> None:
+        with self.lock:
+            self._exiting = True
+            lost = list(self.live)
+        for task in lost:
+            if not task.future.done():
+                task.future.set_exception(
+                    CriticalTaskError(_MONITOR_LOST, description=task.description, pid=task.pid)
+                )
+
+
+def _crashed(task: TaskRecord, exitcode: int | None) -> TaskCrashedError:
+    text, sig = _platform.describe_exit(255 if exitcode is None else exitcode)
+    if task.reader.received:
+        text += f"; it had sent {task.reader.received} bytes of its result"
+    return TaskCrashedError(
+        f"Critical task '{task.description}' crashed: {text} (pid {task.pid})",
+        description=task.description,
+        pid=task.pid,
+        exitcode=exitcode,
+        signal=sig,
+    )
+
+
+def _stopped(task: TaskRecord, exitcode: int | None, error: CriticalTaskError) -> TaskCrashedError:
+    text, sig = _platform.describe_exit(255 if exitcode is None else exitcode)
+    how = text.split(":")[0]  # "killed by SIGTERM (signal 15)", without the likely cause
+    stopped = TaskCrashedError(
+        f"Critical task '{task.description}' was stopped on request: {task.stop_reason}, "
+        f"then {how} (pid {task.pid})",
+        description=task.description,
+        pid=task.pid,
+        exitcode=exitcode,
+        signal=sig,
+        stopped=True,
+    )
+    if not isinstance(error, TaskCrashedError):
+        stopped.__cause__ = error
+    return stopped
