@@ -6,7 +6,7 @@
       └─ _start(): validate (no process is started on bad input)
                    token = parent.child_token()          (before the start: seed C3/C4)
                    reader, writer = Pipe(); Process(target=_task.main,
-                                         args=(fn, token, args, kwargs, writer)).start()
+                                         args=(fn, args, kwargs, writer, token)).start()
                    close writer; take proc out of multiprocessing's _children
                    TaskRecord(proc, reader, exit fd) ─▶ Monitor.add()  (see procsup._monitor)
     shutdown(): cancel root and every task ─▶ wait grace ─▶ escalate (SIGTERM, SIGKILL) ─▶ reap all
@@ -186,7 +186,8 @@ class Supervisor:
         _platform.enlarge_pipe(writer.fileno())
         proc = self._ctx.Process(  # type: ignore[attr-defined]
             target=_task.main,
-            args=(task_fn, token, tuple(args), dict(kwargs or {}), writer),
+            # The token goes last: if args fail to pickle, it was never handed to a child.
+            args=(task_fn, tuple(args), dict(kwargs or {}), writer, token),
             name=f"procsup: {description}",
         )
         try:

@@ -4,8 +4,8 @@
 
     supervisor process                               task process (multiprocessing child)
     ──────────────────                               ────────────────────────────────────
-    Process(target=main, args=(fn, token,  ──start──▶ main(): SIGINT ignored, own process group
-            args, kwargs, writer))                          value = fn(token, *args, **kwargs)
+    Process(target=main, args=(fn, args,   ──start──▶ main(): SIGINT ignored, own process group
+            kwargs, writer, token))                         value = fn(token, *args, **kwargs)
     writer closed right after start                         (an awaitable runs in a fresh loop)
                                                             frame = encode_return / encode_error
     supervisor thread reads the pipe   ◀──── frame ──────  os.write(writer) until all is sent
@@ -85,10 +85,10 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def main(
     task_fn: Callable[..., Any],
-    token: CancellationToken,
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
     writer: Connection,
+    token: CancellationToken,
 ) -> None:
     """Run ``task_fn(token, *args, **kwargs)`` in this (child) process and report its outcome."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)

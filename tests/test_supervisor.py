@@ -1,0 +1,228 @@
+"""Supervisor: one thread for many tasks, stop/shutdown escalation, bad input, nesting."""
+
+from __future__ import annotations
+
+import math
+import os
+import select
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+import psutil
+import pytest
+
+from procsup import (
+    CancellationToken,
+    CriticalTaskExecutionHandle,
+    Supervisor,
+    TaskCrashedError,
+    TaskFailedError,
+)
+from tests import tasks
+from tests.tasks import DEADLINE
+
+Pipe = Callable[[], tuple[Connection, Connection]]
+
+
+def _supervisor_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "procsup-supervisor"]
+
+
+def _exited(pid: int, timeout: float) -> bool:
+    """Wait for any process (not only a child) to exit, through a pidfd: no polling."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
+def test_one_thread_for_many_tasks(runtime: Supervisor) -> None:
+    """Test that 20 concurrent tasks share the supervisor's single thread."""
+    parent = CancellationToken()
+    handles = [
+        runtime.spawn(tasks.wait_for_cancel, f"t{i}", parent_token=parent) for i in range(20)
+    ]
+    assert len(_supervisor_threads()) == 1
+    parent.cancel("done")
+    assert [h.join(DEADLINE) for h in handles] == ["cancelled"] * 20
+
+
+def test_stop_returns_like_join_when_the_task_cooperates(runtime: Supervisor) -> None:
+    """Test that stop() on a task that honours cancellation returns its value, no signal sent."""
+    parent = CancellationToken()
+    handle = runtime.spawn(tasks.wait_for_cancel, "coop", parent_token=parent)
+    assert handle.stop(timeout=DEADLINE) == "cancelled"
+    assert handle.exitcode == 0
+    assert not parent.is_cancelled()
+
+
+def test_stop_escalates_to_sigkill_and_leaves_the_parent(runtime: Supervisor, pipe: Pipe) -> None:
+    """Test that stop() kills a task that ignores both cancellation and SIGTERM."""
+    parent = CancellationToken()
+    reader, writer = pipe()
+    handle = runtime.spawn(tasks.ignore_sigterm, "stubborn", args=(writer,), parent_token=parent)
+    writer.close()
+    assert reader.poll(DEADLINE)
+    with pytest.raises(TaskCrashedError) as info:
+        handle.stop(timeout=0.1)
+    error = info.value
+    assert error.stopped
+    assert error.signal == "SIGKILL"
+    assert "stopped on request" in str(error)
+    assert "did not honour cancellation within 0.1 s" in str(error)
+    assert not parent.is_cancelled()
+
+
+def test_stop_kills_the_whole_tree(runtime: Supervisor, pipe: Pipe) -> None:
+    """Test that stop() SIGTERMs the task's process group: its own children die with it."""
+    parent = CancellationToken()
+    reader, writer = pipe()
+    handle = runtime.spawn(tasks.tree_ignoring_cancel, "tree", args=(writer,), parent_token=parent)
+    writer.close()
+    assert reader.poll(DEADLINE)
+    grandchild = reader.recv()
+    with pytest.raises(TaskCrashedError) as info:
+        handle.stop(timeout=0)
+    assert info.value.signal == "SIGTERM"
+    assert _exited(grandchild, DEADLINE)
+    assert not parent.is_cancelled()
+
+
+def test_shutdown_escalates_stragglers_and_reaps(start_method: str, pipe: Pipe) -> None:
+    """Test that shutdown() cancels, waits, then stops a task ignoring cancellation."""
+    parent = CancellationToken()  # not under the supervisor's root: shutdown must leave it alone
+    reader, writer = pipe()
+    sup = Supervisor(start_method=start_method, grace_period=0.1)
+    coop = sup.spawn(tasks.wait_for_cancel, "coop", parent_token=parent)
+    stubborn = sup.spawn(tasks.ignore_cancel, "stubborn", args=(writer,), parent_token=parent)
+    writer.close()
+    assert reader.poll(DEADLINE)
+    sup.shutdown()
+    assert sup.token.cause == "Supervisor shut down"
+    assert coop.join(0) == "cancelled"
+    with pytest.raises(TaskCrashedError, match="stopped on request") as info:
+        stubborn.join(0)
+    assert info.value.stopped
+    assert not parent.is_cancelled()
+    sup.shutdown()  # idempotent
+    with pytest.raises(RuntimeError, match="shut down"):
+        sup.spawn(tasks.return_value, "late", args=(1,))
+
+
+def test_spawn_defaults_to_the_supervisor_token(runtime: Supervisor) -> None:
+    """Test that spawn() without parent_token makes the task a child of the supervisor's root."""
+    handle = runtime.spawn(tasks.fail, "root-child")
+    with pytest.raises(TaskFailedError):
+        handle.join(DEADLINE)
+    assert runtime.token.is_cancelled()
+    assert runtime.token.cause == str(handle._task.future.exception())
+
+
+def _closure() -> Callable[[CancellationToken], None]:
+    def inner(token: CancellationToken) -> None:
+        pass
+
+    return inner
+
+
+BAD_INPUT: dict[str, tuple[dict[str, Any], type[Exception], str]] = {
+    "non-callable": ({"task_fn": 42}, TypeError, "task_fn must be callable"),
+    "non-token parent": ({"parent_token": "root"}, TypeError, "parent_token must be"),
+    "non-str description": ({"description": 7}, TypeError, "description must be a str"),
+    "args not a tuple": ({"args": 3}, TypeError, "args must be a tuple"),
+    "runtime not a Supervisor": ({"runtime": "sup"}, TypeError, "runtime must be a Supervisor"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT.values(), ids=BAD_INPUT.keys())
+def test_bad_input_raises_at_once(
+    runtime: Supervisor, case: tuple[dict[str, Any], type[Exception], str]
+) -> None:
+    """Test that bad input raises a clear error and starts no process."""
+    overrides, error, message = case
+    call: dict[str, Any] = {
+        "task_fn": tasks.return_value,
+        "parent_token": CancellationToken(),
+        "description": "bad",
+        "args": (1,),
+        "runtime": runtime,
+        **overrides,
+    }
+    before = psutil.Process().children(recursive=True)
+    with pytest.raises(error, match=message):
+        CriticalTaskExecutionHandle(**call)
+    assert runtime._monitor is None  # no supervision thread either
+    assert psutil.Process().children(recursive=True) == before
+
+
+@pytest.mark.parametrize("fn", [lambda token: None, _closure()], ids=["lambda", "closure"])
+def test_unimportable_task(runtime: Supervisor, fn: Callable[[CancellationToken], None]) -> None:
+    """Test that lambdas and closures are refused under spawn/forkserver, and run under fork."""
+    if runtime.start_method == "fork":
+        assert runtime.spawn(fn, "inline").join(DEADLINE) is None
+        return
+    with pytest.raises(TypeError, match=r"must be importable.*defined at module level"):
+        runtime.spawn(fn, "inline")
+    assert runtime._monitor is None
+
+
+def test_unpicklable_args_start_nothing(runtime: Supervisor) -> None:
+    """Test that args that cannot cross into the child raise from the constructor."""
+    if runtime.start_method == "fork":
+        pytest.skip("fork children inherit their args, nothing is pickled")
+    with pytest.raises(TypeError, match=r"could not be started.*picklable"):
+        runtime.spawn(tasks.return_value, "bad-args", args=(threading.Lock(),))
+
+
+@pytest.mark.parametrize(
+    ("timeout", "error", "message"),
+    [
+        (-1, ValueError, "timeout must be >= 0"),
+        (math.nan, ValueError, "timeout must be >= 0"),
+        ("1", TypeError, "timeout must be a number"),
+    ],
+)
+def test_join_timeout_validation(
+    runtime: Supervisor, timeout: Any, error: type[Exception], message: str
+) -> None:
+    """Test that a bad join() timeout raises at once and cancels nothing."""
+    parent = CancellationToken()
+    handle = runtime.spawn(tasks.wait_for_cancel, "t", parent_token=parent)
+    with pytest.raises(error, match=message):
+        handle.join(timeout)
+    assert not handle.is_cancelled()
+    handle.cancel()
+    assert handle.join(DEADLINE) == "cancelled"
+
+
+def test_supervisor_argument_validation() -> None:
+    """Test that Supervisor rejects an unknown start method, a bad token and grace period."""
+    with pytest.raises(ValueError, match="start_method"):
+        Supervisor(start_method="teleport")
+    with pytest.raises(TypeError, match="token"):
+        Supervisor(token="root")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="grace_period"):
+        Supervisor(grace_period=-1)
+
+
+def test_nested_critical_tasks(start_method: str) -> None:
+    """Test that a task can supervise its own sub-task, whose failure propagates up as a chain."""
+    parent = CancellationToken()
+    with Supervisor(start_method=start_method) as sup:
+        handle = sup.spawn(tasks.nested, "outer", args=(start_method,), parent_token=parent)
+        with pytest.raises(TaskFailedError) as info:
+            handle.join(DEADLINE)
+    error = info.value
+    assert str(error).startswith("Critical task 'outer' failed: TaskFailedError: Critical task")
+    inner = error.__cause__
+    assert isinstance(inner, TaskFailedError)
+    assert inner.description == "inner"
+    assert str(inner) == "Critical task 'inner' failed: RuntimeError: inner failure"
+    assert isinstance(inner.__cause__, RuntimeError)
+    assert parent.cause == str(error)
