@@ -155,32 +155,36 @@ def encode_error(exc: BaseException) -> bytes:
     return _frame(_ERROR, pickle.dumps(report, protocol=pickle.HIGHEST_PROTOCOL))
 
 
+def _undecodable(what: str, exc: Exception) -> ErrorReport:
+    return ErrorReport(
+        panicked=False,
+        type_name=_type_name(type(exc)),
+        short_name=type(exc).__qualname__,
+        message=f"{what} could not be unpickled in the parent: {exc}",
+        text="".join(traceback.format_exception(exc)),
+        exception=None,
+    )
+
+
 def decode(body: bytes | bytearray | memoryview) -> Returned | ErrorReport:
-    """Decode a complete frame body.
+    """Decode a complete frame body. Never raises: the supervisor thread must survive any frame.
 
     A return value that cannot be unpickled in the parent (its class is not importable here, its
-    ``__setstate__`` raises...) becomes an ``ErrorReport`` saying so, never an exception.
+    ``__setstate__`` raises...) or a malformed frame becomes an ``ErrorReport`` saying so.
     """
     kind, payload = bytes(body[:1]), memoryview(body)[1:]
-    if kind == _ERROR:
+    try:
+        if kind == _RETURN:
+            return Returned(pickle.loads(payload))
+        if kind != _ERROR:
+            raise ValueError(f"unknown frame kind {kind!r}")
         report = pickle.loads(payload)
         if not isinstance(report, ErrorReport):
             raise TypeError(f"malformed error report: {type(report).__name__}")
         return report
-    if kind != _RETURN:
-        raise ValueError(f"unknown frame kind {kind!r}")
-    try:
-        return Returned(pickle.loads(payload))
     except Exception as exc:  # noqa: BLE001 - whatever the user's __setstate__ raises
-        text = "".join(traceback.format_exception(exc))
-        return ErrorReport(
-            panicked=False,
-            type_name=_type_name(type(exc)),
-            short_name=type(exc).__qualname__,
-            message=f"the task's return value could not be unpickled in the parent: {exc}",
-            text=text,
-            exception=None,
-        )
+        what = "the task's return value" if kind == _RETURN else "the task's outcome frame"
+        return _undecodable(what, exc)
 
 
 def rebuild(report: ErrorReport) -> BaseException:

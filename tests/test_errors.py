@@ -167,3 +167,11 @@ def test_return_frame_and_undecodable_value() -> None:
     report = _remote.decode(bogus)
     assert isinstance(report, _remote.ErrorReport)
     assert "could not be unpickled in the parent" in report.message
+
+
+def test_malformed_frames_decode_to_error_reports() -> None:
+    """Test that no frame can make decode() raise (it runs on the supervisor thread)."""
+    for body in (b"X", b"E" + pickle.dumps("not a report"), b"E\x80garbage"):
+        report = _remote.decode(body)
+        assert isinstance(report, _remote.ErrorReport)
+        assert "could not be unpickled in the parent" in report.message

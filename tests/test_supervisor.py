@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import select
+import signal
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -15,11 +16,13 @@ import pytest
 
 from procsup import (
     CancellationToken,
+    CriticalTaskError,
     CriticalTaskExecutionHandle,
     Supervisor,
     TaskCrashedError,
     TaskFailedError,
 )
+from procsup._monitor import Monitor, TaskRecord
 from tests import tasks
 from tests.tasks import DEADLINE
 
@@ -226,3 +229,33 @@ def test_nested_critical_tasks(start_method: str) -> None:
     assert str(inner) == "Critical task 'inner' failed: RuntimeError: inner failure"
     assert isinstance(inner.__cause__, RuntimeError)
     assert parent.cause == str(error)
+
+
+def test_tasks_ignore_sigint(runtime: Supervisor, pipe: Pipe) -> None:
+    """Test that Ctrl-C (SIGINT) does not kill a task: the supervisor decides, by cancelling."""
+    parent = CancellationToken()
+    reader, writer = pipe()
+    handle = runtime.spawn(tasks.wait_for_cancel, "calm", args=(writer,), parent_token=parent)
+    writer.close()
+    assert reader.poll(DEADLINE)
+    os.kill(handle.pid, signal.SIGINT)
+    handle.cancel()
+    assert handle.join(DEADLINE) == "cancelled"
+    assert handle.exitcode == 0
+
+
+def test_monitor_lost(runtime: Supervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test that if the supervision thread dies, join() raises 'Critical task monitor was
+    cancelled' instead of hanging."""
+
+    def explode(self: Monitor, task: TaskRecord) -> None:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(Monitor, "_finish", explode)
+    handle = runtime.spawn(tasks.return_value, "orphan", args=(1,))
+    with pytest.raises(CriticalTaskError, match=r"^Critical task monitor was cancelled$"):
+        handle.join(DEADLINE)
+    assert runtime.closed
+    task = handle._task
+    task.proc.join(DEADLINE)  # nobody reaps for a dead monitor: clean up by hand
+    task.release()
