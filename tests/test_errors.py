@@ -130,7 +130,9 @@ def test_rebuild_keeps_traceback_chain_and_busted_init() -> None:
 
 def test_rebuild_exception_group_members() -> None:
     """Test that an ExceptionGroup raised by a task comes back with its members' tracebacks."""
-    group = _raise_and_catch(ExceptionGroup("many", [_raise_and_catch(ValueError("v"))]))
+    member_error = ValueError("v")
+    _raise_and_catch(member_error)
+    group = _raise_and_catch(ExceptionGroup("many", [member_error]))
     rebuilt = _remote.rebuild(_roundtrip(group))
     assert isinstance(rebuilt, ExceptionGroup)
     (member,) = rebuilt.exceptions
