@@ -16,6 +16,7 @@ from multiprocessing.connection import Connection
 import psutil
 import pytest
 
+import procsup._zygote
 from procsup import Supervisor, _supervisor
 
 START_METHODS = ("forkserver", "spawn", "fork")
@@ -80,6 +81,7 @@ def _daemon_fds() -> set[str]:
     fds = {
         getattr(multiprocessing.forkserver._forkserver, "_forkserver_alive_fd", None),
         getattr(multiprocessing.resource_tracker._resource_tracker, "_fd", None),
+        *procsup._zygote.daemon_fds(),
     }
     return {str(fd) for fd in fds if fd is not None}
 

@@ -1,0 +1,381 @@
+"""Lean process starts: a preloaded zygote that forks tasks, and a direct fork.
+
+::
+
+    supervisor process                                zygote  (python -c "...serve()", spawned once)
+    ──────────────────                                ───────────────────────────────────────────
+    ZygoteProcess.start()                             single-threaded; procsup, the preload list
+      pickle (target, args) while "spawning":         and each task's module already imported
+      tokens, Connections, SemLocks ─ DupFd ─▶ index
+      status pipe: keep r, send w ──── sendmsg ─────▶ recvmsg(header + payload, SCM_RIGHTS fds)
+                                                      import the task's module (first time only)
+                                                      fork ──▶ child: close the zygote's fds,
+                                                               unpickle, target(*args), _exit
+      pid ◀─────────────────────────── reply ───────  keep the status write end
+    sentinel = r: readable when the zygote ◀──────── SIGCHLD ▶ waitpid ▶ write the exit code,
+      has reaped the task (or died itself)              close that task's status write end
+
+``ForkProcess`` is the same contract for ``start_method="fork"``: ``os.fork()`` in the caller, the
+child runs the target directly, and the sentinel is a pidfd.
+
+Both are ``multiprocessing.Process`` look-alikes (``start``, ``pid``, ``sentinel``, ``join``,
+``exitcode``, ``close``), so the supervisor treats every start method alike. Both children finish
+with ``os._exit``: the target (``procsup._task.main``) reports the task's outcome itself.
+
+Things that don't work
+----------------------
+- ``multiprocessing``'s forkserver, even preloaded: measured here at ~13 ms a start, 3.5x pebble's
+  fork-per-call, because every child re-runs spawn's preparation (``sys.path``, the ``__main__``
+  module) and the server reads its preload list only once. The zygote imports a task's module on
+  first use, so later starts fork it ready-made.
+- ``multiprocessing``'s fork ``Process``: its child bootstrap (``Process._bootstrap``) costs more
+  than the task for trivial work; ``ForkProcess`` keeps only the after-fork hooks objects rely on.
+- Learning of a zygote child's death from anything the child holds: its grandchildren inherit it.
+  The status pipe's write end stays in the zygote, and every child closes its copy at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import multiprocessing.connection
+import multiprocessing.context
+import multiprocessing.process
+import multiprocessing.reduction
+import multiprocessing.util
+import os
+import pickle
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["ForkProcess", "ZygoteProcess", "daemon_fds"]
+
+_INLINE = 64 * 1024  # larger payloads travel in a memfd, not in the datagram
+_MAX_FDS = 250  # SCM_RIGHTS limit per message is 253
+_EXIT = struct.Struct("i")
+_inherited: list[int] = []  # in a zygote child: the fds its pickle's DupFd indices point at
+
+
+class _ChildFd:
+    """Stands for the ``index``-th fd the zygote handed to the child; picklable by reference."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def detach(self) -> int:
+        return _inherited[self.index]
+
+
+def _run_target(target: Callable[..., Any], args: Sequence[Any]) -> int:
+    try:
+        target(*args)
+        return 0
+    except SystemExit as exc:
+        if exc.code is None:
+            return 0
+        return exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - the child must end with _exit whatever happens
+        import traceback
+
+        traceback.print_exc()
+        return 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                if stream is not None:
+                    stream.flush()
+
+
+class _LeanProcess:
+    """What the supervisor needs of a process; ``exitcode`` as in multiprocessing (-N: signal N)."""
+
+    def __init__(self, target: Callable[..., Any], args: tuple[Any, ...], name: str = "") -> None:
+        self._target = target
+        self._args = args
+        self.name = name
+        self.pid: int | None = None
+        self.sentinel = -1
+        self._exitcode: int | None = None
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._exitcode
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._exitcode is None and multiprocessing.connection.wait([self.sentinel], timeout):
+            self._exitcode = self._collect()
+
+    def is_alive(self) -> bool:
+        return self._exitcode is None and not multiprocessing.connection.wait([self.sentinel], 0)
+
+    def close(self) -> None:
+        if self.sentinel >= 0:
+            os.close(self.sentinel)
+            self.sentinel = -1
+
+    def _collect(self) -> int:
+        raise NotImplementedError
+
+
+class ForkProcess(_LeanProcess):
+    """A direct ``os.fork()`` child; the sentinel is a pidfd, so no grandchild can hold it."""
+
+    def start(self) -> None:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child never returns
+            code = 1
+            try:
+                multiprocessing.process._children = set()  # type: ignore[attr-defined]
+                multiprocessing.util._run_after_forkers()  # type: ignore[attr-defined]
+                code = _run_target(self._target, self._args)
+            finally:
+                os._exit(code)
+        self.pid = pid
+        self.sentinel = os.pidfd_open(pid)
+
+    def _collect(self) -> int:
+        assert self.pid is not None
+        _, status = os.waitpid(self.pid, 0)
+        return os.waitstatus_to_exitcode(status)
+
+
+class ZygoteProcess(_LeanProcess):
+    """A child forked by the zygote; ``preload`` names modules the zygote imports first."""
+
+    def __init__(
+        self,
+        target: Callable[..., Any],
+        args: tuple[Any, ...],
+        name: str = "",
+        preload: Sequence[str] = (),
+    ) -> None:
+        super().__init__(target, args, name)
+        self._preload = tuple(preload)
+        self._fds: list[int] = []
+
+    # multiprocessing.reduction.DupFd calls these while we pickle (we are the "spawning popen").
+    def duplicate_for_child(self, fd: int) -> int:
+        self._fds.append(fd)
+        return len(self._fds) - 1
+
+    DupFd = _ChildFd
+
+    def start(self) -> None:
+        buffer = io.BytesIO()
+        multiprocessing.context.set_spawning_popen(self)  # type: ignore[arg-type]
+        try:
+            multiprocessing.reduction.ForkingPickler(buffer, pickle.HIGHEST_PROTOCOL).dump(
+                (self._target, self._args)
+            )
+        finally:
+            multiprocessing.context.set_spawning_popen(None)
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.pid = _Zygote.get().spawn(
+                self._preload, buffer.getbuffer(), [write_end, *self._fds]
+            )
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+            self._fds.clear()
+        self.sentinel = read_end
+
+    def _collect(self) -> int:
+        data = os.read(self.sentinel, _EXIT.size)
+        if len(data) < _EXIT.size:  # the zygote itself died: the task's status is lost
+            return -signal.SIGKILL
+        code: int = _EXIT.unpack(data)[0]
+        return code
+
+
+class _Zygote:
+    """The supervisor side of the one zygote of this process (started on first use)."""
+
+    _instance: _Zygote | None = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._pid = os.getpid()
+        self._sock = mine
+        self._lock = threading.Lock()
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", "import procsup._zygote as z; z.serve()", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            close_fds=True,
+        )
+        theirs.close()
+        self._call(("path", list(sys.path)), [])
+
+    @classmethod
+    def get(cls) -> _Zygote:
+        with cls._instance_lock:
+            zygote = cls._instance
+            if zygote is None or zygote._pid != os.getpid() or zygote._process.poll() is not None:
+                if zygote is not None and zygote._pid == os.getpid():
+                    zygote.close()
+                zygote = cls._instance = cls()
+            return zygote
+
+    def spawn(self, preload: Sequence[str], payload: memoryview, fds: list[int]) -> int:
+        if len(fds) > _MAX_FDS:
+            raise ValueError(f"a task can receive at most {_MAX_FDS - 2} file descriptors")
+        memfd = -1
+        try:
+            if len(payload) > _INLINE:
+                memfd = os.memfd_create("procsup-task", os.MFD_CLOEXEC)
+                with open(memfd, "wb", closefd=False) as f:
+                    f.write(payload)
+                header: tuple[Any, ...] = ("spawn", list(preload), None)
+                fds = [fds[0], memfd, *fds[1:]]
+            else:
+                header = ("spawn", list(preload), bytes(payload))
+            reply = self._call(header, fds)
+        finally:
+            if memfd >= 0:
+                os.close(memfd)
+        if reply[0] != "pid":
+            raise RuntimeError(f"procsup zygote could not start the task: {reply[1]}")
+        pid: int = reply[1]
+        return pid
+
+    def _call(self, message: tuple[Any, ...], fds: list[int]) -> tuple[Any, ...]:
+        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        with self._lock:
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+            self._sock.sendmsg([data], ancillary if fds else [])
+            reply = self._sock.recv(1 << 16)
+        if not reply:
+            raise RuntimeError("procsup zygote exited unexpectedly")
+        result: tuple[Any, ...] = pickle.loads(reply)
+        return result
+
+    def close(self) -> None:
+        self._sock.close()  # the zygote exits on EOF
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(5)
+
+    def fds(self) -> list[int]:
+        return [self._sock.fileno()] if self._pid == os.getpid() else []
+
+
+def daemon_fds() -> list[int]:
+    """The fds this process keeps open to its zygote (for leak checks)."""
+    zygote = _Zygote._instance
+    return zygote.fds() if zygote is not None else []
+
+
+def _after_fork_in_child() -> None:
+    # A forked child must not talk over its parent's zygote socket; it starts its own if needed.
+    _Zygote._instance_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# ---------------------------------------------------------------- the zygote process itself
+
+
+def serve() -> None:
+    """Zygote main loop: fork a child per request, report each child's exit on its status pipe."""
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    status: dict[int, int] = {}  # pid -> write end of its status pipe, kept here only
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the supervisor to handle
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ)
+    selector.register(wake_r, selectors.EVENT_READ)
+    while True:
+        for key, _ in selector.select():
+            if key.fileobj is sock:
+                own = (sock.fileno(), wake_r, wake_w, selector.fileno())
+                if not _serve_request(sock, status, own):
+                    return
+            else:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(wake_r, 4096):
+                        pass
+        _reap(status)
+
+
+def _unpickle_and_run(payload: bytes) -> None:
+    target, args = pickle.loads(payload)
+    del payload
+    target(*args)
+
+
+def _reap(status: dict[int, int]) -> None:
+    while status:
+        try:
+            pid, code = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        fd = status.pop(pid, -1)
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(fd, _EXIT.pack(os.waitstatus_to_exitcode(code)))
+            os.close(fd)
+
+
+def _serve_request(sock: socket.socket, status: dict[int, int], own: tuple[int, ...]) -> bool:
+    fds: list[int] = []
+    data, ancdata, _, _ = sock.recvmsg(1 << 17, socket.CMSG_SPACE(_MAX_FDS * 4))
+    if not data:
+        return False
+    for level, kind, blob in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += struct.unpack(f"{len(blob) // 4}i", blob[: len(blob) - len(blob) % 4])
+    message = pickle.loads(data)
+    if message[0] == "path":
+        sys.path[:] = message[1]
+        sock.send(pickle.dumps(("ok",)))
+        return True
+    _, preload, payload = message
+    for name in preload:
+        if name not in sys.modules:
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
+    status_w, rest = fds[0], fds[1:]
+    if payload is None:
+        with open(rest[0], "rb") as f:  # closes the memfd
+            f.seek(0)  # the offset is shared with the writer's open file description
+            payload = f.read()
+        rest = rest[1:]
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        for fd in fds:
+            os.close(fd)
+        sock.send(pickle.dumps(("error", str(exc))))
+        return True
+    if pid == 0:  # pragma: no cover - runs in the task process
+        code = 1
+        try:
+            for fd in (*own, status_w, *status.values()):
+                os.close(fd)
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _inherited[:] = rest
+            code = _run_target(_unpickle_and_run, (payload,))
+        finally:
+            os._exit(code)
+    for fd in rest:
+        os.close(fd)
+    status[pid] = status_w
+    sock.send(pickle.dumps(("pid", pid)))
+    return True

@@ -1,0 +1,52 @@
+"""Targets for the lean process starters (importable, so the zygote can unpickle them)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+from multiprocessing.connection import Connection
+
+from procsup import CancellationToken
+
+
+def echo(conn: Connection, token: CancellationToken, payload: bytes) -> None:
+    conn.send((os.getpid(), token.is_cancelled(), len(payload), payload[:4], payload[-4:]))
+    token.cancel("from the child")
+
+
+def exit_with(code: int) -> None:
+    os._exit(code)
+
+
+def raise_system_exit(code: int | None) -> None:
+    raise SystemExit(code)
+
+
+def raise_error() -> None:
+    raise RuntimeError("boom")
+
+
+def segfault() -> None:
+    ctypes.string_at(0)
+
+
+def kill_self(signum: int) -> None:
+    os.kill(os.getpid(), signum)
+
+
+def fork_holder_then_exit(conn: Connection) -> None:
+    """Leave a grandchild that holds every fd we have, then exit."""
+    pid = os.fork()
+    if pid == 0:
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+        while True:
+            time.sleep(3600)  # block forever: the test kills us
+    conn.send(pid)
+    os._exit(0)
+
+
+def wait_then_report(conn: Connection, token: CancellationToken) -> None:
+    conn.send("waiting")
+    conn.send(token.wait(30))
