@@ -1,0 +1,153 @@
+"""The demo's critical tasks: each does something visible, and cleans up when its token fires.
+
+They live here, not in ``__main__``, because spawn and forkserver children import task functions
+by module path. Each one names its process (``demo:cpu`` ...) so ``ps``/``top`` and the demo's live
+view can tell them apart, never prints (the demo's terminal and ``--json`` stream belong to the
+parent), and returns its cleanup message: the return value is how a graceful shutdown reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import hashlib
+import os
+import tempfile
+import time
+
+from procsup._supervisor import Supervisor
+from procsup._token import CancellationToken
+
+__all__ = [
+    "PROCESS_PREFIX",
+    "async_heartbeat",
+    "config_loader",
+    "coordinator",
+    "cpu_worker",
+    "io_worker",
+    "native_parser",
+    "shard_reader",
+    "stress_task",
+]
+
+PROCESS_PREFIX = "demo:"  # every task's process name starts with it (the live view's filter)
+_PR_SET_NAME = 15
+_CLEANUP_PAUSE = 0.2  # seconds of visible "flushing" so the view shows the cancelling state
+
+
+def _name_process(name: str) -> None:
+    """Set this process's comm name (Linux ``prctl(PR_SET_NAME)``); best effort elsewhere."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
+def cpu_worker(token: CancellationToken) -> str:
+    """Hash blocks in a tight loop, checking the token between blocks; checkpoint when cancelled."""
+    _name_process(PROCESS_PREFIX + "cpu")
+    digest = b"procsup"
+    rounds = 0
+    while not token.is_cancelled():  # one shared-memory load: cheap enough for a hot loop
+        for _ in range(2_000):
+            digest = hashlib.sha256(digest).digest()
+        rounds += 2_000
+    time.sleep(_CLEANUP_PAUSE)
+    return f"checkpoint saved after {rounds:,} sha256 rounds (digest {digest.hex()[:12]})"
+
+
+def io_worker(token: CancellationToken) -> str:
+    """Append records to a temporary journal, fsyncing each; flush and remove it when cancelled."""
+    _name_process(PROCESS_PREFIX + "io")
+    fd, path = tempfile.mkstemp(prefix="procsup-demo-", suffix=".journal")
+    records = 0
+    try:
+        with os.fdopen(fd, "w") as journal:
+            while not token.wait(0.05):  # the wait is the I/O worker's idle time, and its exit
+                journal.write(f"record {records} at {time.time():.3f}\n")
+                journal.flush()
+                os.fsync(journal.fileno())
+                records += 1
+            time.sleep(_CLEANUP_PAUSE)
+    finally:
+        os.unlink(path)
+    return f"journal flushed and removed ({records} records fsynced)"
+
+
+def shard_reader(token: CancellationToken, shards: int) -> str:
+    """The coordinator's sub-task: reads its shards round-robin until cancelled."""
+    _name_process(PROCESS_PREFIX + "subtask")
+    reads = 0
+    while not token.wait(0.1):
+        reads += 1
+    time.sleep(_CLEANUP_PAUSE / 2)
+    return f"closed {shards} shards after {reads} reads"
+
+
+def coordinator(token: CancellationToken, start_method: str) -> str:
+    """A nested critical task: runs its own Supervisor and a sub-task under a token it created.
+
+    Cancelling the demo's root reaches the sub-task through this task's token and the child token
+    made here; the sub-task's cleanup message comes back inside this task's own.
+    """
+    _name_process(PROCESS_PREFIX + "nested")
+    shards = token.child_token()  # created here, in the task's process
+    with Supervisor(start_method=start_method, grace_period=2.0) as sup:
+        sub = sup.spawn(shard_reader, "shard reader", args=(3,), parent_token=shards)
+        token.wait()
+        said = sub.join(timeout=10.0)
+    return f"sub-task 'shard reader' (pid {sub.pid}) said: {said}"
+
+
+async def async_heartbeat(token: CancellationToken) -> str:
+    """An ``async def`` task: ticks in its own event loop until ``await token.cancelled()``."""
+    _name_process(PROCESS_PREFIX + "async")
+    beats = 0
+
+    async def beat() -> None:
+        nonlocal beats
+        while True:
+            beats += 1
+            await asyncio.sleep(0.1)
+
+    await token.run_until_cancelled(beat())
+    return f"event loop closed cleanly after {beats} heartbeats"
+
+
+def native_parser(token: CancellationToken, crash_after: float) -> str:
+    """Parse records for ``crash_after`` seconds, then dereference NULL in native code (SIGSEGV).
+
+    If the token fires first (Ctrl-C), it stops gracefully instead: the crash never happens.
+    """
+    _name_process(PROCESS_PREFIX + "segv")
+    # ~32 MiB of "parsed records", touched (bytes(n) would be lazily zeroed pages, not RSS).
+    buffers = [bytes([n]) * (512 * 1024) for n in range(64)]
+    if token.wait(crash_after):
+        return f"stopped before the bad record ({len(buffers)} buffers released)"
+    ctypes.string_at(0)  # reads address 0: a real segfault in C, not a Python exception
+    return "unreachable"
+
+
+def _parse_line(line: str, number: int) -> tuple[str, int]:
+    key, _, value = line.partition("=")
+    try:
+        return key.strip(), int(value)
+    except ValueError as exc:
+        raise ValueError(
+            f"line {number}: {key.strip()!r} must be an integer, got {value!r}"
+        ) from exc
+
+
+def config_loader(token: CancellationToken, fail_after: float) -> str:
+    """Load settings; after ``fail_after`` seconds hit a bad line and raise (a Python error)."""
+    _name_process(PROCESS_PREFIX + "config")
+    if token.wait(fail_after):
+        return "stopped before reading the config"
+    lines = ["workers = 4", "port = 8080", "timeout = 30s"]
+    settings = dict(_parse_line(line, number) for number, line in enumerate(lines, 1))
+    return f"loaded {len(settings)} settings"
+
+
+def stress_task(token: CancellationToken, number: int) -> int:
+    """A trivial task for the stress scenario: return a value derived from its argument."""
+    return number * number
