@@ -75,7 +75,8 @@ class TaskRecord:
         future: RUNNING until the outcome is published, then done; never cancelled. Published only
             after the process has been reaped and, for a failure, the parent cancelled.
         reader: holds every result byte read so far; its ``body`` is set once the frame is whole.
-        outcome: None until a whole frame was decoded, then a Returned or the error to raise.
+        outcome: None until a whole frame was decoded, then a Returned or the error to raise;
+            None again once published (the Future holds it, so a big result is kept once).
         conn: open (and, once adopted, registered) until EOF or reaping; only the thread reads it.
         exited: set under ``lock`` by the thread before it reaps, so a signal sent under ``lock``
             never reaches a recycled pid.
@@ -236,7 +237,7 @@ class Monitor:
                 task.conn.close()
                 task.conn = None
                 break
-            if task.reader.feed(data) and task.outcome is None:
+            if task.reader.feed(data) and task.reader.body is not None:  # whole, not decoded
                 self._decode(task)
             if budget is not None:
                 budget -= 1
@@ -244,6 +245,7 @@ class Monitor:
     def _decode(self, task: TaskRecord) -> None:
         assert task.reader.body is not None
         decoded = _remote.decode(task.reader.body)
+        task.reader.release()
         if isinstance(decoded, _remote.Returned):
             task.outcome = decoded
             return
@@ -275,7 +277,7 @@ class Monitor:
         task.release()
         with self.lock:
             self.live.discard(task)
-        outcome = task.outcome
+        outcome, task.outcome = task.outcome, None  # from now on the Future alone holds it
         if isinstance(outcome, _remote.Returned):
             logger.debug("Critical task '%s' completed successfully", task.description)
             task.future.set_result(outcome.value)

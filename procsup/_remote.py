@@ -207,29 +207,39 @@ def rebuild(report: ErrorReport) -> BaseException:
 class FrameReader:
     """Incremental parser of the single frame a task sends.
 
-    Invariants: ``_buf`` holds every byte received and not yet part of a complete frame;
-    ``body`` is None until the whole frame is in, then it never changes (bytes after it are
-    ignored: nothing a task does after reporting can alter its outcome).
+    Invariants: until the frame is whole, ``_buf`` holds every byte received; ``body`` is None
+    until the whole frame is in, then views it until ``release()``; ``_done`` never goes back to
+    False (bytes after the frame are ignored: nothing a task does after reporting can alter its
+    outcome); ``received`` counts every byte, released or not.
     """
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._need: int | None = None
+        self._received = 0
+        self._done = False
         self.body: memoryview | None = None
 
     def feed(self, data: bytes) -> bool:
         """Add received bytes; return True once the frame is complete."""
-        if self.body is not None:
+        self._received += len(data)
+        if self._done:
             return True
         self._buf += data
         if self._need is None and len(self._buf) >= _HEADER.size:
             (self._need,) = _HEADER.unpack_from(self._buf)
         if self._need is not None and len(self._buf) >= _HEADER.size + self._need:
             self.body = memoryview(self._buf)[_HEADER.size : _HEADER.size + self._need]
+            self._done = True
             return True
         return False
+
+    def release(self) -> None:
+        """Free the buffer once the body is decoded (a 64 MiB result must not be kept twice)."""
+        self.body = None
+        self._buf = bytearray()
 
     @property
     def received(self) -> int:
         """Bytes received so far (for error messages about truncated frames)."""
-        return len(self._buf)
+        return self._received
