@@ -20,7 +20,7 @@ import asyncio
 import concurrent.futures
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, Concatenate, Generic, TypeVar, overload
+from typing import Any, Generic, TypeVar, overload
 
 from procsup._errors import NotDetachedError
 from procsup._monitor import REAP_DEADLINE, TaskRecord, escalate
@@ -71,7 +71,7 @@ class CriticalTaskExecutionHandle(Generic[T]):
     @overload
     def __init__(
         self: CriticalTaskExecutionHandle[T],
-        task_fn: Callable[Concatenate[CancellationToken, ...], Awaitable[T]],
+        task_fn: Callable[..., Awaitable[T]],
         parent_token: CancellationToken,
         description: str,
         args: tuple[Any, ...] = (),
@@ -82,7 +82,7 @@ class CriticalTaskExecutionHandle(Generic[T]):
     @overload
     def __init__(
         self: CriticalTaskExecutionHandle[T],
-        task_fn: Callable[Concatenate[CancellationToken, ...], T],
+        task_fn: Callable[..., T],
         parent_token: CancellationToken,
         description: str,
         args: tuple[Any, ...] = (),
@@ -92,7 +92,7 @@ class CriticalTaskExecutionHandle(Generic[T]):
 
     def __init__(
         self,
-        task_fn: Callable[Concatenate[CancellationToken, ...], Any],
+        task_fn: Callable[..., Any],
         parent_token: CancellationToken,
         description: str,
         args: tuple[Any, ...] = (),
@@ -109,7 +109,7 @@ class CriticalTaskExecutionHandle(Generic[T]):
     @classmethod
     def new(
         cls,
-        task_fn: Callable[Concatenate[CancellationToken, ...], Any],
+        task_fn: Callable[..., Any],
         parent_token: CancellationToken,
         description: str,
         args: tuple[Any, ...] = (),
@@ -121,7 +121,7 @@ class CriticalTaskExecutionHandle(Generic[T]):
     @classmethod
     def new_with_runtime(
         cls,
-        task_fn: Callable[Concatenate[CancellationToken, ...], Any],
+        task_fn: Callable[..., Any],
         parent_token: CancellationToken,
         description: str,
         runtime: Supervisor,

@@ -37,8 +37,8 @@ import pickle
 import signal
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from procsup import _platform, _task
 from procsup._monitor import REAP_DEADLINE, Monitor, TaskRecord, escalate
@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from procsup._handle import CriticalTaskExecutionHandle
 
 __all__ = ["Supervisor", "default_supervisor"]
+
+T = TypeVar("T")
 
 
 def _validate(
@@ -141,6 +143,26 @@ class Supervisor:
     def grace_period(self) -> float:
         """Seconds ``shutdown()`` waits for tasks to honour cancellation."""
         return self._grace
+
+    @overload
+    def spawn(
+        self,
+        task_fn: Callable[..., Awaitable[T]],
+        description: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        parent_token: CancellationToken | None = None,
+    ) -> CriticalTaskExecutionHandle[T]: ...
+
+    @overload
+    def spawn(
+        self,
+        task_fn: Callable[..., T],
+        description: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        parent_token: CancellationToken | None = None,
+    ) -> CriticalTaskExecutionHandle[T]: ...
 
     def spawn(
         self,

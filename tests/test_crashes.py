@@ -172,9 +172,9 @@ def test_unpicklable_outcomes_carry_the_child_traceback(runtime: Supervisor) -> 
     assert cause.type_name == "tests.tasks.UnpicklableError"
     assert "in unpicklable_error" in cause.text
     assert "cannot cross" in str(cause)
-    handle = runtime.spawn(tasks.unpicklable_return, "y", parent_token=CancellationToken())
+    returns = runtime.spawn(tasks.unpicklable_return, "y", parent_token=CancellationToken())
     with pytest.raises(TaskFailedError) as info:
-        handle.join(DEADLINE)
+        returns.join(DEADLINE)
     assert isinstance(info.value.__cause__, pickle.PicklingError)
     assert "cannot pickle '_thread.lock' object" in (info.value.remote_traceback or "")
 
