@@ -34,11 +34,11 @@ import logging
 import multiprocessing
 import os
 import signal
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from procsup import _demo_tasks as tasks
+from procsup._demo_stress import run_stress
 from procsup._demo_view import Row, Sampler, View, make_view, mib
 from procsup._errors import (
     CriticalTaskError,
@@ -59,17 +59,15 @@ GRACE = 5.0  # seconds tasks get to clean up after the root is cancelled
 SAMPLE_EVERY = 0.25  # seconds between psutil samples
 REAP = 10.0  # seconds to wait for outcomes after escalating
 
-SCENARIOS = {
-    "crash": "(default) five workers; a native parser segfaults after 5 s and the supervisor "
-    "cancels the root token: every sibling cleans up, exit 1",
-    "error": "same workers; a config loader raises ValueError after 2 s: the child's real "
-    "traceback, then the same clean shutdown, exit 1",
-    "graceful": "same workers, nothing fails; after 3 s the demo cancels the root token and "
-    "every task cleans up, exit 0",
-    "restart": "restart policies (restart='transient', max_restarts=...): needs the daemon "
-    "features; says so and exits 2 where they are missing",
-    "stress": "a few hundred short tasks (--tasks) through one supervisor: throughput and "
-    "latency percentiles, exit 0",
+STRESS_TASKS = 300
+STRESS_TASKS_SPAWN = 60  # ~80 ms of CPU per start under spawn: 300 would take half a minute
+
+SCENARIOS = {  # one line each in --help
+    "crash": "(default) a worker segfaults in C after 5 s: root cancelled, all clean up, exit 1",
+    "error": "a worker raises ValueError after 2 s: its child traceback, clean shutdown, exit 1",
+    "graceful": "nothing fails; after 3 s the demo cancels the root, all clean up, exit 0",
+    "restart": "restart policies (Erlang-style), once procsup has them; until then says so, exit 2",
+    "stress": f"{STRESS_TASKS} tiny tasks through one supervisor: tasks/s, latency p50/p99, exit 0",
 }
 
 Plan = list[tuple[Callable[..., Any], str, tuple[Any, ...]]]
@@ -128,7 +126,9 @@ class _Demo:
         loop.add_signal_handler(signal.SIGINT, self._on_sigint)
         try:
             if scenario == "stress":
-                code = await self._stress(self.args.tasks, self.args.concurrency)
+                spawn = self.sup.start_method == "spawn"
+                count = self.args.tasks or (STRESS_TASKS_SPAWN if spawn else STRESS_TASKS)
+                code = await self._stress(count, self.args.concurrency)
             else:
                 delay = GRACEFUL_AFTER if scenario == "graceful" else None
                 code = await self._workers(_plan(scenario, self.sup.start_method), delay)
@@ -191,7 +191,7 @@ class _Demo:
             # A sibling that cleans up fast must not be told before the cancellation it obeyed.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.reported.wait(), REAP)
-        row.ended, row.exitcode = ended, handle.exitcode
+        row.ended, row.exitcode, row.subtasks = ended, handle.exitcode, []
         fields: dict[str, Any] = {"task": row.description, "pid": row.pid, "exitcode": row.exitcode}
         took = ""
         if sibling and self.cancel_seen is not None:
@@ -201,6 +201,7 @@ class _Demo:
             row.state, row.detail = "done", str(value)
             text = f"{row.description} (pid {row.pid}) cleaned up{took}: {value}"
             self.view.event("finished", text, **fields, result=value)
+            self.view.refresh(self.rows)
             return
         row.state = kind = self._classify(error)
         row.detail = str(error).split(": ", 1)[-1]
@@ -209,6 +210,7 @@ class _Demo:
         record = self._record(error, row)
         signame = getattr(error, "signal", None)
         self.view.event(kind, str(error), **fields, signal=signame, record=record)
+        self.view.refresh(self.rows)
 
     def _caused(self, name: str) -> bool:
         return (self.root.cause or "").startswith(f"Critical task '{name}' ")
@@ -253,6 +255,7 @@ class _Demo:
                 row.state = "cancelling"
                 text = f"{row.description} (pid {row.pid}) sees its token cancelled, cleans up"
                 self.view.event("stopping", text, task=row.description, pid=row.pid)
+        self.view.refresh(self.rows)
 
     async def _sample_forever(self) -> None:
         sampler = Sampler(tasks.PROCESS_PREFIX)
@@ -275,10 +278,11 @@ class _Demo:
 
     def _exit(self) -> int:
         stopped = [row.description for row in self.rows if row.state in ("stopped", "lost")]
+        others = "every other task" if self.failure is not None else "every task"
         tail = (
             f"; {', '.join(stopped)} had to be stopped"
             if stopped
-            else "; every other task shut down gracefully"
+            else f"; {others} shut down gracefully"
         )
         if self.failure is not None:
             code, reason = 1, f"{self.failure}{tail}"
@@ -287,7 +291,7 @@ class _Demo:
         elif stopped:
             code, reason = 1, f"shut down{tail}"
         else:
-            code, reason = 0, "every task shut down gracefully"
+            code, reason = 0, f"nothing failed{tail}"
         self.view.event("exit", f"exit {code}: {reason}", code=code, reason=reason)
         return code
 
@@ -308,61 +312,11 @@ class _Demo:
     # ---------------------------------------------------------------- other scenarios
 
     async def _stress(self, count: int, concurrency: int) -> int:
-        window = asyncio.Semaphore(concurrency)
-        latencies: list[float] = []
-        wrong: list[int] = []
-
-        async def one(number: int) -> None:
-            async with window:
-                if self.root.is_cancelled():
-                    return
-                began = time.perf_counter()
-                handle = self.sup.spawn(tasks.stress_task, f"stress #{number}", args=(number,))
-                try:
-                    value = await handle.join_async()
-                except CriticalTaskError as exc:
-                    if self.failure is None:
-                        self.failure = exc
-                        self.view.event(self._classify(exc), str(exc), task=exc.description)
-                    return
-                latencies.append(time.perf_counter() - began)
-                if value != number * number:
-                    wrong.append(number)
-                if len(latencies) % 100 == 0:
-                    self.view.event(
-                        "progress",
-                        f"{len(latencies)}/{count} tasks done",
-                        done=len(latencies),
-                        total=count,
-                    )
-
-        began = time.perf_counter()
-        await asyncio.gather(*(one(n) for n in range(count)))
-        elapsed = time.perf_counter() - began
-        stats = _percentiles(latencies)
-        record = {
-            "tasks": f"{len(latencies)} of {count} (at most {concurrency} in flight)",
-            "wall time": f"{elapsed:.2f} s",
-            "throughput": f"{len(latencies) / elapsed:.0f} tasks/s",
-            **{name: f"{value * 1000:.1f} ms" for name, value in stats.items()},
-        }
-        self.view.event(
-            "stress",
-            f"{len(latencies)} tasks in {elapsed:.2f} s: "
-            f"{len(latencies) / elapsed:.0f} tasks/s, latency p50 "
-            f"{stats['p50'] * 1000:.1f} ms, p99 {stats['p99'] * 1000:.1f} ms",
-            completed=len(latencies),
-            total=count,
-            seconds=round(elapsed, 3),
-            throughput=round(len(latencies) / elapsed, 1),
-            latency_ms={k: round(v * 1000, 2) for k, v in stats.items()},
-            record=record,
-        )
-        if wrong:
-            self.view.event("failed", f"{len(wrong)} tasks returned a wrong value", tasks=wrong)
-        ok = not wrong and self.failure is None and len(latencies) == count
-        code = 0 if ok else (130 if self.interrupts and self.failure is None else 1)
+        ok = await run_stress(self.view, self.sup, count, concurrency)
+        code = 0 if ok else (130 if self.interrupts else 1)
         reason = "every task returned its value" if ok else "not every task returned its value"
+        if self.interrupts:
+            reason += " (interrupted by Ctrl-C)"
         self.view.event("exit", f"exit {code}: {reason}", code=code, reason=reason)
         return code
 
@@ -380,23 +334,14 @@ class _Demo:
         return 2
 
 
-def _percentiles(samples: list[float]) -> dict[str, float]:
-    if not samples:
-        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
-    ordered = sorted(samples)
-
-    def at(q: float) -> float:  # nearest rank: a value that was actually measured
-        return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
-
-    return {"p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": ordered[-1]}
-
-
 def _parser() -> argparse.ArgumentParser:
     scenarios = "\n".join(f"  {name:<9} {text}" for name, text in SCENARIOS.items())
     parser = argparse.ArgumentParser(
         prog="python -m procsup",
         description="procsup demo: critical tasks in child processes, supervised. A task that "
-        "fails or crashes cancels its parent token, and everything shuts down cleanly.",
+        "fails or crashes cancels its parent token, and everything shuts down cleanly. The "
+        "workers: a CPU worker, an I/O worker, a coordinator running its own sub-task (a nested "
+        "critical task), an async def heartbeat, and the scenario's own.",
         epilog=f"scenarios:\n{scenarios}\n\nCtrl-C cancels the root token: every task cleans "
         "up and the demo exits 130 (a second Ctrl-C stops them at once).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -415,7 +360,12 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print one JSON object per line (the events, in order)"
     )
     parser.add_argument(
-        "--tasks", type=int, default=300, metavar="N", help="stress: how many tasks (default: 300)"
+        "--tasks",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"stress: how many tasks (default: {STRESS_TASKS}, or {STRESS_TASKS_SPAWN} under "
+        "spawn, where each start costs a fresh interpreter)",
     )
     parser.add_argument(
         "--concurrency",
@@ -438,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stopped), 2 when the scenario cannot run in this build, 130 after Ctrl-C.
     """
     args = _parser().parse_args(argv)
-    if args.tasks < 1 or args.concurrency < 1:
+    if (args.tasks is not None and args.tasks < 1) or args.concurrency < 1:
         _parser().error("--tasks and --concurrency must be at least 1")
     # The demo reports every outcome itself; without a handler, logging's last resort would
     # print the supervisor's ERROR records to stderr in the middle of the live view.

@@ -79,7 +79,11 @@ class RichView(View):
         """Redraw the live table (every call: rich rate-limits the terminal writes)."""
         self._live.update(self._table(rows, "procsup: critical tasks (live)"))
 
-    def _status(self, rows: list[Row], now: float) -> None:  # pragma: no cover - unused
+    def refresh(self, rows: list[Row]) -> None:
+        """Redraw the live table now."""
+        self.status(rows)
+
+    def _status(self, rows: list[Row], now: float) -> None:  # unused: status() is overridden
         self.status(rows)
 
     def _table(self, rows: list[Row], title: str, final: bool = False) -> Table:

@@ -57,21 +57,18 @@ def cpu_worker(token: CancellationToken) -> str:
 
 
 def io_worker(token: CancellationToken) -> str:
-    """Append records to a temporary journal, fsyncing each; flush and remove it when cancelled."""
+    """Append records to a journal, fsyncing each; flush and close it when cancelled."""
     _name_process(PROCESS_PREFIX + "io")
-    fd, path = tempfile.mkstemp(prefix="procsup-demo-", suffix=".journal")
     records = 0
-    try:
-        with os.fdopen(fd, "w") as journal:
-            while not token.wait(0.05):  # the wait is the I/O worker's idle time, and its exit
-                journal.write(f"record {records} at {time.time():.3f}\n")
-                journal.flush()
-                os.fsync(journal.fileno())
-                records += 1
-            time.sleep(_CLEANUP_PAUSE)
-    finally:
-        os.unlink(path)
-    return f"journal flushed and removed ({records} records fsynced)"
+    # Nameless (O_TMPFILE where available): nothing is left on disk even if the task is killed.
+    with tempfile.TemporaryFile("w", prefix="procsup-demo-") as journal:
+        while not token.wait(0.05):  # the wait is the I/O worker's idle time, and its exit
+            journal.write(f"record {records} at {time.time():.3f}\n")
+            journal.flush()
+            os.fsync(journal.fileno())
+            records += 1
+        time.sleep(_CLEANUP_PAUSE)
+    return f"journal flushed and closed ({records} records fsynced)"
 
 
 def shard_reader(token: CancellationToken, shards: int) -> str:

@@ -151,6 +151,9 @@ class View:
     def _status(self, rows: list[Row], now: float) -> None:
         raise NotImplementedError
 
+    def refresh(self, rows: list[Row]) -> None:
+        """A state changed: redraw a live display now (line views wait for their next status)."""
+
     def summary(self, rows: list[Row]) -> None:
         """Show the final table."""
         raise NotImplementedError
