@@ -1,0 +1,350 @@
+"""The demo (``python -m procsup``): every scenario end to end, in a real subprocess.
+
+Each run reads the ``--json`` event stream and checks the story in order. Handshakes (Ctrl-C after
+the tasks have started) wait on that stream, never on a sleep; every read has a deadline. Two runs
+use a pseudo-terminal: the rich live view with Ctrl-C, and the plain fallback without rich.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pty
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from procsup import _demo_view
+from procsup._demo_stress import percentiles
+
+DEADLINE = 60.0  # seconds; a passing run takes a few
+ROOT = Path(__file__).resolve().parent.parent
+SIBLINGS = ("cpu worker", "io worker", "coordinator", "async heartbeat")
+NO_RICH = "import sys; sys.modules['rich'] = None; from procsup._demo import main; sys.exit(main())"
+
+Event = dict[str, Any]
+
+
+def run_demo(*args: str) -> tuple[int, list[Event], str]:
+    """Run the demo with ``--json`` to completion; return its exit code, events and stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "procsup", "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        cwd=ROOT,
+    )
+    events = [json.loads(line) for line in proc.stdout.splitlines()]  # every line is JSON
+    return proc.returncode, events, proc.stderr
+
+
+def story(events: list[Event]) -> list[tuple[str, str | None]]:
+    """The events without the periodic status objects, as (event, task) pairs."""
+    return [(e["event"], e.get("task")) for e in events if e["event"] != "status"]
+
+
+def find(events: list[Event], kind: str, task: str | None = None) -> Event:
+    matches = [e for e in events if e["event"] == kind and (task is None or e.get("task") == task)]
+    assert len(matches) == 1, f"expected one {kind!r} event for {task!r}: {story(events)}"
+    return matches[0]
+
+
+def position(events: list[Event], kind: str, task: str | None = None) -> int:
+    return events.index(find(events, kind, task))
+
+
+def check_clean_shutdown(events: list[Event], code: int, culprit: str | None) -> None:
+    """Every sibling stops after the root's cancellation, then the summary, then the exit code."""
+    started = [e["task"] for e in events if e["event"] == "started"]
+    assert set(SIBLINGS) <= set(started)
+    cancelled = position(events, "cancelled")
+    if culprit is not None:
+        assert position(events, "crashed" if culprit == "native parser" else "failed", culprit) < (
+            cancelled
+        ), story(events)
+    for name in SIBLINGS:
+        finished = find(events, "finished", name)
+        assert cancelled < position(events, "stopping", name) < events.index(finished)
+        assert finished["exitcode"] == 0
+        assert finished["result"]
+    coordinator = find(events, "finished", "coordinator")["result"]
+    assert "sub-task 'shard reader'" in coordinator
+    assert "closed 3 shards" in coordinator
+    summary = find(events, "summary")
+    assert {row["task"] for row in summary["tasks"]} == set(started)
+    assert all(row["state"] == "done" for row in summary["tasks"] if row["task"] in SIBLINGS)
+    assert events[-1]["event"] == "exit"
+    assert events[-1]["code"] == code
+    assert position(events, "summary") < len(events) - 1
+    for event in events:
+        if event["event"] in ("started", "subtask"):
+            assert not psutil.pid_exists(event["pid"]), f"{event} outlived the demo"
+
+
+def test_default_scenario_crash_cancels_root_and_everyone_cleans_up() -> None:
+    """Test the default run: segfault record, root cancelled with its cause, siblings, exit 1."""
+    code, events, stderr = run_demo()
+    assert code == 1, story(events)
+    assert events[0]["event"] == "begin"
+    assert events[0]["scenario"] == "crash"
+    assert events[0]["start_method"] == "forkserver"
+    assert [kind for kind, _ in story(events)[1:6]] == ["started"] * 5
+    crash = find(events, "crashed", "native parser")
+    assert crash["signal"] == "SIGSEGV"
+    assert crash["exitcode"] == -signal.SIGSEGV
+    assert crash["record"]["pid"] == crash["pid"]
+    assert "peak RSS" in crash["record"]
+    subtask = find(events, "subtask", "coordinator")
+    assert subtask["name"] == "demo:subtask"
+    assert position(events, "subtask") < events.index(crash)
+    cause = find(events, "cancelled")["cause"]
+    assert cause.startswith("Critical task 'native parser' crashed: killed by SIGSEGV")
+    check_clean_shutdown(events, 1, "native parser")
+    assert "native parser" in events[-1]["reason"]
+    assert "SIGSEGV" in events[-1]["reason"]
+    assert any(e["event"] == "status" for e in events)
+    assert "Traceback" not in stderr
+
+
+def test_error_scenario_shows_the_child_traceback_under_fork() -> None:
+    """Test a Python exception in a task: its child-side traceback, then the clean shutdown."""
+    code, events, stderr = run_demo("--scenario", "error", "--start-method", "fork")
+    assert code == 1, story(events)
+    assert events[0]["start_method"] == "fork"
+    failed = find(events, "failed", "config loader")
+    assert failed["text"].startswith("Critical task 'config loader' failed: ValueError: line 3")
+    traceback = failed["record"]["child traceback"]
+    assert "in _parse_line" in traceback
+    assert "int(value)" in traceback
+    assert "The above exception was the direct cause" in traceback
+    cause = find(events, "cancelled")["cause"]
+    assert cause.startswith("Critical task 'config loader' failed: ValueError")
+    check_clean_shutdown(events, 1, "config loader")
+    assert "Traceback" not in stderr
+
+
+def test_graceful_scenario_under_spawn_exits_zero() -> None:
+    """Test the demo cancelling the root itself: nothing fails, every task returns, exit 0."""
+    code, events, stderr = run_demo("--scenario", "graceful", "--start-method", "spawn")
+    assert code == 0, story(events)
+    assert events[0]["start_method"] == "spawn"
+    assert not [e for e in events if e["event"] in ("crashed", "failed", "panicked", "stopped")]
+    assert "time is up" in find(events, "cancelled")["cause"]
+    check_clean_shutdown(events, 0, None)
+    assert "Traceback" not in stderr
+
+
+def test_restart_scenario_says_what_it_needs() -> None:
+    """Test that the restart scenario explains itself and exits 2 (no restart policies yet)."""
+    code, events, _ = run_demo("--scenario", "restart")
+    assert code == 2
+    assert story(events) == [("begin", None), ("unavailable", None), ("exit", None)]
+    assert "restart policies" in find(events, "unavailable")["text"]
+
+
+def test_stress_scenario_reports_throughput_and_percentiles() -> None:
+    """Test 300 short tasks: all return their value, progress in order, sane percentiles."""
+    code, events, _ = run_demo("--scenario", "stress")
+    assert code == 0, story(events)
+    assert [e["done"] for e in events if e["event"] == "progress"] == [100, 200, 300]
+    stress = find(events, "stress")
+    assert stress["completed"] == stress["total"] == 300
+    assert stress["throughput"] > 0
+    latency = stress["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+    assert events[-1] == {**events[-1], "event": "exit", "code": 0}
+
+
+class DemoProcess:
+    """A demo subprocess whose ``--json`` stream is read line by line, each read with a deadline."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "procsup", "--json", *args],
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        assert self.proc.stdout is not None
+        self.stdout = self.proc.stdout
+        self.events: list[Event] = []
+        self.deadline = time.monotonic() + DEADLINE
+
+    def read_until(self, done: Callable[[Event], bool]) -> Event:
+        """Read events until one satisfies ``done``; fail at EOF or at the deadline."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.stdout, selectors.EVENT_READ)
+            while True:
+                remaining = self.deadline - time.monotonic()
+                assert remaining > 0, "the demo went silent"
+                assert selector.select(remaining), "the demo went silent"
+                line = self.stdout.readline()
+                assert line, f"the demo ended early: {story(self.events)}"
+                self.events.append(json.loads(line))
+                if done(self.events[-1]):
+                    return self.events[-1]
+
+    def finish(self) -> int:
+        """Read the rest of the stream; return the exit code once the demo has exited."""
+        self.read_until(lambda event: event["event"] == "exit")
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.stdout, selectors.EVENT_READ)
+            remaining = self.deadline - time.monotonic()
+            assert selector.select(remaining), "the demo did not exit after its exit event"
+            assert not self.stdout.readline(), "output after the exit event"
+        return self.proc.wait(max(0.0, self.deadline - time.monotonic()))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(DEADLINE)
+        self.stdout.close()
+
+
+@pytest.fixture
+def demo() -> Iterator[Callable[..., DemoProcess]]:
+    made: list[DemoProcess] = []
+
+    def start(*args: str) -> DemoProcess:
+        made.append(DemoProcess(*args))
+        return made[-1]
+
+    yield start
+    for process in made:
+        process.close()
+
+
+def test_ctrl_c_cancels_the_root_and_everyone_cleans_up(demo: Callable[..., DemoProcess]) -> None:
+    """Test SIGINT once every task has started: cause says SIGINT, no crash, exit 130."""
+    run = demo()
+    started = 0
+
+    def all_started(event: Event) -> bool:
+        nonlocal started
+        started += 1 if event["event"] == "started" else 0
+        return started == 5
+
+    run.read_until(all_started)
+    run.proc.send_signal(signal.SIGINT)
+    assert run.finish() == 130
+    events = run.events
+    assert position(events, "interrupt") < position(events, "cancelled")
+    assert find(events, "cancelled")["cause"].startswith("SIGINT (Ctrl-C)")
+    parser = find(events, "finished", "native parser")
+    assert parser["result"].startswith("stopped before the bad record")
+    assert not [e for e in events if e["event"] in ("crashed", "failed", "stopped")]
+    check_clean_shutdown(events, 130, None)
+
+
+def run_on_terminal(argv: list[str], interrupt_after: str | None = None) -> tuple[int, str]:
+    """Run ``argv`` on a pseudo-terminal; optionally SIGINT it once ``interrupt_after`` shows."""
+    master, slave = pty.openpty()
+    env = {**os.environ, "COLUMNS": "120", "LINES": "40", "TERM": "xterm-256color"}
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env)
+    os.close(slave)
+    output = b""
+    deadline = time.monotonic() + DEADLINE
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(master, selectors.EVENT_READ)
+            while time.monotonic() < deadline and selector.select(deadline - time.monotonic()):
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: every process holding the terminal has exited
+                    break
+                if not chunk:
+                    break
+                output += chunk
+                if interrupt_after is not None and interrupt_after in _plain(output):
+                    proc.send_signal(signal.SIGINT)
+                    interrupt_after = None
+        code = proc.wait(DEADLINE)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(DEADLINE)
+        os.close(master)
+    return code, _plain(output)
+
+
+def _plain(output: bytes) -> str:
+    """Terminal output without its escape sequences (colours, cursor moves)."""
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode(errors="replace"))
+
+
+def test_terminal_live_view_and_ctrl_c_with_rich() -> None:
+    """Test the rich live table on a terminal, and that Ctrl-C shows on screen (exit 130)."""
+    pytest.importorskip("rich")
+    argv = [sys.executable, "-m", "procsup"]
+    code, screen = run_on_terminal(argv, interrupt_after="started    native parser")
+    assert code == 130, screen
+    assert "procsup: critical tasks (live)" in screen
+    assert "┃ task" in screen
+    assert "interrupt  Ctrl-C: cancelling the root token" in screen
+    assert "summary" in screen
+    assert "exit 130: interrupted (Ctrl-C)" in screen
+
+
+def test_terminal_without_rich_degrades_to_plain_lines() -> None:
+    """Test that a terminal without rich gets the plain timestamped view, the whole story."""
+    code, screen = run_on_terminal([sys.executable, "-c", NO_RICH, "--scenario", "error"])
+    assert code == 1, screen
+    assert "┃" not in screen
+    assert re.search(r"\[ *\d+\.\d\ds\] started    cpu worker", screen)
+    assert re.search(r"\[ *\d+\.\d\ds\] failed     Critical task 'config loader' failed", screen)
+    assert "child traceback:  Traceback (most recent call last):" in screen
+    assert re.search(r"\[ *\d+\.\d\ds\] exit       exit 1: Critical task 'config loader'", screen)
+
+
+def test_view_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test JSON when asked, plain lines off a terminal, and plain on a terminal without rich."""
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert isinstance(_demo_view.make_view(True, Terminal()), _demo_view.JsonView)
+    assert type(_demo_view.make_view(False, io.StringIO())) is _demo_view.PlainView
+    monkeypatch.setitem(sys.modules, "rich", None)
+    monkeypatch.delitem(sys.modules, "procsup._demo_rich", raising=False)
+    assert type(_demo_view.make_view(False, Terminal())) is _demo_view.PlainView
+
+
+def test_help_explains_each_scenario_in_one_line() -> None:
+    """Test ``--help``: every scenario named on a line of its own, with its explanation."""
+    out = subprocess.run(
+        [sys.executable, "-m", "procsup", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "100"},
+        check=True,
+    ).stdout
+    for name in ("crash", "error", "graceful", "restart", "stress"):
+        assert re.search(rf"^  {name} +\S.+$", out, re.MULTILINE), name
+    assert "--start-method" in out
+    assert "--json" in out
+
+
+def test_the_library_does_not_import_rich() -> None:
+    """Test that ``import procsup`` leaves rich (the demo's optional extra) alone."""
+    code = "import sys, procsup; assert 'rich' not in sys.modules, 'procsup imported rich'"
+    subprocess.run([sys.executable, "-c", code], timeout=DEADLINE, cwd=ROOT, check=True)
+
+
+def test_percentiles_are_measured_values() -> None:
+    """Test nearest-rank percentiles: each one is a sample, in order."""
+    samples = [float(n) for n in range(1, 101)]
+    assert percentiles(samples) == {"p50": 50.0, "p90": 90.0, "p99": 99.0, "max": 100.0}
+    assert percentiles([0.5]) == {"p50": 0.5, "p90": 0.5, "p99": 0.5, "max": 0.5}
+    assert percentiles([]) == {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
