@@ -7,8 +7,8 @@
     TaskRecord(proc, conn, exit_fd) ─▶ add() ─▶ pending + wake-up byte
                                              selector.select() blocks on
                                                wake-up pipe │ exit fd per task │ result fd per task
-                                               (exit fd: pidfd for fork/spawn children, the
-                                                forkserver's status socket otherwise)
+                                               (exit fd: a pidfd, or the zygote's status
+                                                pipe; never anything the task holds)
                                              result fd readable ─▶ os.read what is there,
                                                  FrameReader.feed(); a whole error frame cancels
                                                  the parent at once
@@ -25,9 +25,9 @@ Things that don't work
 - ``Connection.recv()`` in the thread: one big result would block every other task's supervision.
   Reads are non-blocking and bounded per wake-up (``_READS_PER_WAKE``).
 - Letting ``multiprocessing.active_children()`` or another thread's ``Process.start()`` poll our
-  processes: under forkserver, two concurrent polls read the same status socket and one of them
-  records exit code 255. Our processes leave ``multiprocessing.process._children`` right after
-  start (``Supervisor._start``) and are reaped by this thread alone.
+  processes: two concurrent polls of one status fd race, and one of them records exit code 255.
+  Spawned tasks leave ``multiprocessing.process._children`` right after start
+  (``Supervisor._start``); every task is reaped by this thread alone.
 - Registering fds from the caller's thread: ``selectors`` keeps a plain dict beside the epoll set;
   new tasks are queued and registered here, after a wake-up byte.
 """

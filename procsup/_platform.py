@@ -15,8 +15,8 @@ Things that don't work
 - The ``Process.sentinel`` of a fork or spawn child as the death signal: it is a pipe whose write
   end the child holds, so a grandchild that inherits it delays the "death" until the grandchild
   exits too (pebble, loky and ProcessPoolExecutor notice ~4 s late here). A pidfd fires when the
-  process itself exits. Under forkserver the sentinel is fine: it is the forkserver's socket, which
-  the task never holds, and the forkserver writes the status on it after reaping.
+  process itself exits. A zygote child's sentinel is fine: it is a status pipe that only the zygote
+  holds, written after reaping; a ``ForkProcess``'s sentinel is a pidfd already.
 - Guessing a crash from exit code 1: CPython exits with 1 after an uncaught exception *and* the task
   may ``os._exit(1)``; only the absence of a reported outcome says "died without reporting".
 """
@@ -154,7 +154,7 @@ def exit_notifier(proc: BaseProcess, start_method: str) -> tuple[int, bool]:
     ``owned`` is True when the caller must close ``fd`` (a pidfd); otherwise it is the process's
     sentinel, closed by ``proc.close()``.
     """
-    if start_method != "forkserver" and hasattr(os, "pidfd_open"):
+    if start_method == "spawn" and hasattr(os, "pidfd_open"):
         try:
             return os.pidfd_open(proc.pid or 0), True
         except OSError:

@@ -5,8 +5,10 @@
     spawn() / CriticalTaskExecutionHandle(...)          (caller's thread)
       └─ _start(): validate (no process is started on bad input)
                    token = parent.child_token()          (before the start: seed C3/C4)
-                   reader, writer = Pipe(); Process(target=_task.main,
-                                         args=(fn, args, kwargs, writer, token)).start()
+                   reader, writer = Pipe(); _process(...).start(), a process running
+                                  _task.main(fn, args, kwargs, writer, token):
+                                    forkserver: a ZygoteProcess (procsup's preloaded zygote)
+                                    fork: a ForkProcess; spawn: a multiprocessing Process
                    close writer; take proc out of multiprocessing's _children
                    TaskRecord(proc, reader, exit fd) ─▶ Monitor.add()  (see procsup._monitor)
     shutdown(): cancel root and every task ─▶ wait grace ─▶ escalate (SIGTERM, SIGKILL) ─▶ reap all
@@ -18,8 +20,9 @@ Things that don't work
   after multiprocessing's, so run before it) stops them before multiprocessing would join them.
 - Fork as the default: forking a process that runs a supervisor thread copies its locks in
   whatever state they are; forkserver (spawn without it) is the default, fork only when asked.
-- Per-supervisor forkserver preloads: the forkserver is process-wide and reads its preload list
-  once, when it starts; the first Supervisor to start a task under it sets the list.
+- ``multiprocessing``'s forkserver: ~13 ms a start here, and its preload list is read once,
+  process-wide. "forkserver" means procsup's zygote (``procsup._zygote``), which imports each
+  supervisor's ``preload`` and each task's module on first use, then forks them ready-made.
 - Sending the token or args after start (a Queue, a Pipe): tokens pickle only while a process is
   being started (they carry the arena's fd), so everything travels in ``Process(args=...)``.
 """
@@ -43,6 +46,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from procsup import _platform, _task
 from procsup._monitor import REAP_DEADLINE, Monitor, TaskRecord, escalate
 from procsup._token import CancellationToken, check_timeout
+from procsup._zygote import ForkProcess, ZygoteProcess
 
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext
@@ -89,9 +93,10 @@ class Supervisor:
     """Starts critical tasks in child processes and supervises them from one thread.
 
     Args:
-        start_method: "forkserver" (the default where available), "spawn" or "fork".
+        start_method: "forkserver" (the default where available: procsup's preloaded zygote),
+            "spawn" or "fork".
         token: The root token; tasks spawned without a parent are its children. A new root if None.
-        preload: Modules the forkserver (or, under fork, this process) imports once, up front.
+        preload: Modules the zygote (or, under fork, this process) imports once, before forking.
         grace_period: Seconds ``shutdown()`` gives tasks to honour cancellation before escalating.
 
     The thread starts with the first task. ``shutdown()`` (also run by ``with`` and at interpreter
@@ -206,11 +211,9 @@ class Supervisor:
         token = parent.child_token()
         reader, writer = self._ctx.Pipe(duplex=False)
         _platform.enlarge_pipe(writer.fileno())
-        proc = self._ctx.Process(  # type: ignore[attr-defined]
-            target=_task.main,
-            # The token goes last: if args fail to pickle, it was never handed to a child.
-            args=(task_fn, tuple(args), dict(kwargs or {}), writer, token),
-            name=f"procsup: {description}",
+        # The token goes last: if args fail to pickle, it was never handed to a child.
+        proc = self._process(
+            task_fn, description, (task_fn, tuple(args), dict(kwargs or {}), writer, token)
         )
         try:
             proc.start()
@@ -236,15 +239,20 @@ class Supervisor:
             raise RuntimeError("this Supervisor has been shut down")
         return task
 
-    def _boot(self, task_module: str | None) -> Monitor:
-        modules = list(self._preload)
-        if task_module and task_module != "__main__" and task_module not in modules:
-            modules.append(task_module)
+    def _process(self, task_fn: Callable[..., Any], description: str, args: tuple[Any, ...]) -> Any:
+        """A not yet started process that will run ``_task.main(*args)``."""
+        name = f"procsup: {description}"
         if self._method == "forkserver":
-            # Takes effect only if the (process-wide) forkserver is not running yet.
-            self._ctx.set_forkserver_preload(modules)
-        elif self._method == "fork":
-            for name in modules:
+            module = getattr(task_fn, "__module__", None)
+            preload = self._preload if module in (None, "__main__") else [*self._preload, module]
+            return ZygoteProcess(_task.main, args, name, preload=preload)
+        if self._method == "fork":
+            return ForkProcess(_task.main, args, name)
+        return self._ctx.Process(target=_task.main, args=args, name=name)  # type: ignore[attr-defined]
+
+    def _boot(self, task_module: str | None) -> Monitor:
+        if self._method == "fork":  # forked tasks find these imported; the zygote imports its own
+            for name in [*self._preload, task_module or "__main__"]:
                 with contextlib.suppress(ImportError):
                     importlib.import_module(name)
         return Monitor()
