@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import multiprocessing as mp
 import multiprocessing.connection
 import os
 import resource
+import signal
 import statistics
 import sys
 import threading
@@ -24,7 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from procsup import CancellationToken
+import bench_tasks  # beside this script
+import psutil
+
+from procsup import CancellationToken, Supervisor
 
 CTX: Any = mp.get_context("fork")  # the measuring child: what matters is the primitive inside it
 
@@ -221,10 +226,137 @@ def tokens_section(quick: bool) -> list[Row]:
     return rows
 
 
-SECTIONS: dict[str, Callable[[bool], list[Row]]] = {"tokens": tokens_section}
+# --- critical tasks --------------------------------------------------------------------------
+
+
+def _median_ms(fn: Callable[[], object], runs: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def _raw_fork() -> None:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def bench_start_latency(runs: int) -> list[Row]:
+    fork_floor = _median_ms(_raw_fork, runs * 2)
+    pebble = _median_ms(lambda: bench_tasks.trivial_pebble().result(), runs)
+    figures = {}
+    for method in ("forkserver", "fork"):
+        with Supervisor(start_method=method) as sup:
+
+            def one(sup: Supervisor = sup) -> None:
+                sup.spawn(bench_tasks.trivial, "t").join()
+
+            figures[method] = _median_ms(one, runs)
+    default = "trivial task, start to result, default start method"
+    return [
+        Row(default, figures["forkserver"], "ms", pebble, "pebble @concurrent.process", 1.0),
+        Row(default, figures["forkserver"], "ms", fork_floor, "raw os.fork + waitpid", 6.0),
+        Row("trivial task, start to result, fork", figures["fork"], "ms", pebble, "pebble", 0.75),
+    ]
+
+
+def _raw_crash_latency() -> float:
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(writer, bench_tasks.STAMP.pack(time.perf_counter()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    woke = time.perf_counter()
+    sent: float = bench_tasks.STAMP.unpack(os.read(reader, 8))[0]
+    os.close(reader)
+    os.close(writer)
+    return (woke - sent) * 1e3
+
+
+def _crash_latency(sup: Supervisor) -> float:
+    parent = CancellationToken()
+    reader, writer = mp.Pipe(duplex=False)
+    handle = sup.spawn(bench_tasks.stamp_and_die, "dies", args=(writer,), parent_token=parent)
+    writer.close()
+    parent.wait(10)
+    woke = time.perf_counter()
+    sent: float = bench_tasks.STAMP.unpack(os.read(reader.fileno(), 8))[0]
+    reader.close()
+    handle.detach()
+    return (woke - sent) * 1e3
+
+
+def bench_crash_detection(runs: int, crowd: int) -> list[Row]:
+    floor = statistics.median(_raw_crash_latency() for _ in range(runs))
+    with Supervisor() as sup:
+        alone = statistics.median(_crash_latency(sup) for _ in range(runs))
+        idle = [sup.spawn(bench_tasks.idle, f"idle {i}") for i in range(crowd)]
+        crowded = statistics.median(_crash_latency(sup) for _ in range(runs))
+        sup.token.cancel()
+        for handle in idle:
+            handle.join(30)
+    return [
+        Row(
+            "crash detection: SIGKILL until parent token wakes",
+            alone,
+            "ms",
+            floor,
+            "raw waitpid",
+            2.5,
+        ),
+        Row(f"crash detection among {crowd} live tasks", crowded, "ms", alone, "with 1 task", 1.5),
+    ]
+
+
+def _uss_mib(pids: list[int]) -> float:
+    return statistics.median(psutil.Process(pid).memory_full_info().uss for pid in pids) / 2**20
+
+
+def bench_idle_uss(count: int) -> Row:
+    with Supervisor() as sup:
+        handles = [sup.spawn(bench_tasks.idle, f"idle {i}") for i in range(count)]
+        time.sleep(0.5)  # let them settle into wait()
+        ours = _uss_mib([h.pid for h in handles if h.pid is not None])
+        sup.token.cancel()
+        for handle in handles:
+            handle.join(30)
+    pipes = [mp.get_context("fork").Pipe() for _ in range(count)]
+    procs = [CTX.Process(target=bench_tasks.idle_plain, args=(child,)) for _, child in pipes]
+    for proc in procs:
+        proc.start()
+    time.sleep(0.5)
+    floor = _uss_mib([proc.pid for proc in procs])
+    for (mine, _), proc in zip(pipes, procs, strict=True):
+        mine.send_bytes(b"x")
+        proc.join()
+    return Row(
+        "unique memory (USS) per idle task", ours, "MiB", floor, "multiprocessing fork child", 1.5
+    )
+
+
+def tasks_section(quick: bool) -> list[Row]:
+    runs = 15 if quick else 60
+    rows = bench_start_latency(runs)
+    rows += bench_crash_detection(runs, 50 if quick else 500)
+    rows.append(bench_idle_uss(10 if quick else 20))
+    return rows
+
+
+SECTIONS: dict[str, Callable[[bool], list[Row]]] = {
+    "tokens": tokens_section,
+    "tasks": tasks_section,
+}
 
 
 def main(argv: list[str]) -> int:
+    logging.getLogger("procsup").setLevel(logging.CRITICAL)  # the crashes here are on purpose
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sections", nargs="*", metavar="SECTION", help=f"any of {list(SECTIONS)}")
     parser.add_argument("--quick", action="store_true", help="fewer runs (a smoke test)")

@@ -1,0 +1,38 @@
+"""Task bodies for scripts/bench.py (importable by the zygote, which cannot see ``__main__``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import time
+from multiprocessing.connection import Connection
+
+from pebble import concurrent
+
+from procsup import CancellationToken
+
+STAMP = struct.Struct("d")
+
+
+def trivial(token: CancellationToken) -> int:
+    return 1
+
+
+@concurrent.process
+def trivial_pebble() -> int:
+    return 1
+
+
+def stamp_and_die(token: CancellationToken, conn: Connection) -> None:
+    """Write the clock (CLOCK_MONOTONIC, shared by all processes), then SIGKILL ourselves."""
+    os.write(conn.fileno(), STAMP.pack(time.perf_counter()))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def idle(token: CancellationToken) -> None:
+    token.wait()
+
+
+def idle_plain(conn: Connection) -> None:
+    conn.recv_bytes()
