@@ -166,7 +166,6 @@ class _Demo:
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
-        self.view.status(self.rows, force=True)
         self.view.summary(self.rows)
         return self._exit()
 

@@ -75,7 +75,7 @@ class RichView(View):
             title = "crash record" if kind == "crashed" else f"{kind} record"
             self._console.print(Panel(grid, title=title, border_style=style or "red"))
 
-    def status(self, rows: list[Row], *, force: bool = False) -> None:
+    def status(self, rows: list[Row]) -> None:
         """Redraw the live table (every call: rich rate-limits the terminal writes)."""
         self._live.update(self._table(rows, "procsup: critical tasks (live)"))
 

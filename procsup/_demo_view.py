@@ -111,7 +111,8 @@ class Sampler:
                 if proc is None:
                     proc = self._procs[row.pid] = psutil.Process(row.pid)
                 with proc.oneshot():
-                    row.rss = proc.memory_info().rss
+                    # An exited, not yet reaped process reads as 0 bytes: keep the last figure.
+                    row.rss = proc.memory_info().rss or row.rss
                     row.cpu_percent = proc.cpu_percent(None)
                     times = proc.cpu_times()
                     row.cpu_time = times.user + times.system
@@ -141,10 +142,10 @@ class View:
         """Report one event; ``fields`` are JSON-ready. A ``record`` dict is shown as a block."""
         raise NotImplementedError
 
-    def status(self, rows: list[Row], *, force: bool = False) -> None:
-        """Show the rows; line views do so at most once per second unless ``force``."""
+    def status(self, rows: list[Row]) -> None:
+        """Show the rows; line views do so at most once per second."""
         now = self.now()
-        if force or now - self._last_status >= _STATUS_EVERY:
+        if now - self._last_status >= _STATUS_EVERY:
             self._last_status = now
             self._status(rows, now)
 
