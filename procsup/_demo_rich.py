@@ -33,6 +33,7 @@ _STYLE = {
     "lost": "bold red",
     "exit": "bold",
 }
+_TITLE = "procsup: critical tasks (live)"
 _STATE_STYLE = {
     "running": "green",
     "cancelling": "yellow",
@@ -77,11 +78,11 @@ class RichView(View):
 
     def status(self, rows: list[Row]) -> None:
         """Redraw the live table (every call: rich rate-limits the terminal writes)."""
-        self._live.update(self._table(rows, "procsup: critical tasks (live)"))
+        self._live.update(self._table(rows, _TITLE))
 
     def refresh(self, rows: list[Row]) -> None:
-        """Redraw the live table now."""
-        self.status(rows)
+        """Redraw the live table now, not at the next tick: events come faster than ticks."""
+        self._live.update(self._table(rows, _TITLE), refresh=True)
 
     def _status(self, rows: list[Row], now: float) -> None:  # unused: status() is overridden
         self.status(rows)
