@@ -229,17 +229,6 @@ def tokens_section(quick: bool) -> list[Row]:
 # --- critical tasks --------------------------------------------------------------------------
 
 
-def _median_ms(fn: Callable[[], object], runs: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
-
-
 def _raw_fork() -> None:
     pid = os.fork()
     if pid == 0:
@@ -247,22 +236,34 @@ def _raw_fork() -> None:
     os.waitpid(pid, 0)
 
 
+def _interleaved_ms(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
+    """Median ms of each fn, measured round-robin so load changes hit them all alike."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(runs + 3):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if round_ >= 3:  # warm-up rounds
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def bench_start_latency(runs: int) -> list[Row]:
-    fork_floor = _median_ms(_raw_fork, runs * 2)
-    pebble = _median_ms(lambda: bench_tasks.trivial_pebble().result(), runs)
-    figures = {}
-    for method in ("forkserver", "fork"):
-        with Supervisor(start_method=method) as sup:
-
-            def one(sup: Supervisor = sup) -> None:
-                sup.spawn(bench_tasks.trivial, "t").join()
-
-            figures[method] = _median_ms(one, runs)
-    default = "trivial task, start to result, default start method"
+    with Supervisor() as default, Supervisor(start_method="fork") as fork:
+        ms = _interleaved_ms(
+            {
+                "raw": _raw_fork,
+                "pebble": lambda: bench_tasks.trivial_pebble().result(),
+                "default": lambda: default.spawn(bench_tasks.trivial, "t").join(),
+                "fork": lambda: fork.spawn(bench_tasks.trivial, "t").join(),
+            },
+            runs,
+        )
+    name = "trivial task, start to result, default start method"
     return [
-        Row(default, figures["forkserver"], "ms", pebble, "pebble @concurrent.process", 1.0),
-        Row(default, figures["forkserver"], "ms", fork_floor, "raw os.fork + waitpid", 6.0),
-        Row("trivial task, start to result, fork", figures["fork"], "ms", pebble, "pebble", 0.75),
+        Row(name, ms["default"], "ms", ms["pebble"], "pebble @concurrent.process", 1.0),
+        Row(name, ms["default"], "ms", ms["raw"], "raw os.fork + waitpid", 6.0),
+        Row("trivial task, start to result, fork", ms["fork"], "ms", ms["pebble"], "pebble", 0.75),
     ]
 
 
