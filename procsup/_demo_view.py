@@ -187,17 +187,17 @@ class JsonView(View):
 def table_lines(rows: list[Row], now: float, final: bool = False) -> list[str]:
     """The rows as a fixed-width text table (the plain view's status block and summary)."""
     width = max([len(row.description) for row in rows] + [4])
-    last = "result" if final else "sub-tasks"
+    cpu_head, last = ("cpu time", "result") if final else ("cpu", "sub-tasks")
     lines = [
         f"{'task':<{width}}  {'pid':>7}  {'state':<10} {'uptime':>7} {'rss':>10}"
-        f" {'peak rss':>10} {'cpu':>6}  {last}"
+        f" {'peak rss':>10} {cpu_head:>8}  {last}"
     ]
     for row in rows:
         cpu = f"{row.cpu_time:.2f}s" if final else f"{row.cpu_percent:.0f}%"
         extra = row.detail if final else ", ".join(f"{n} pid {p}" for p, n, _ in row.subtasks)
         lines.append(
             f"{row.description:<{width}}  {row.pid:>7}  {row.state:<10} {row.uptime(now):>6.1f}s"
-            f" {mib(row.rss):>10} {mib(row.peak_rss):>10} {cpu:>6}  {extra}"
+            f" {mib(row.rss):>10} {mib(row.peak_rss):>10} {cpu:>8}  {extra}"
         )
     return lines
 
