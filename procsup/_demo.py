@@ -173,10 +173,10 @@ class _Demo:
         handle = self.sup.spawn(fn, description, args=args)
         row = Row(description, handle.pid, self.view.now())
         self.rows.append(row)
+        self.outcomes[description] = asyncio.create_task(self._watch(handle, row))
         self.view.event(
             "started", f"{description} (pid {handle.pid})", task=description, pid=handle.pid
         )
-        self.outcomes[description] = asyncio.create_task(self._watch(handle, row))
 
     async def _watch(self, handle: CriticalTaskExecutionHandle[Any], row: Row) -> None:
         error: CriticalTaskError | None = None

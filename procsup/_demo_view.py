@@ -24,6 +24,7 @@ Things that don't work
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -163,8 +164,15 @@ class View:
         """Stop any live display (idempotent)."""
 
     def _write(self, line: str) -> None:
-        self.stream.write(line + "\n")
-        self.stream.flush()
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except BrokenPipeError:
+            # The reader left (``| head``): the tasks still shut down properly, unseen. Point fd 1
+            # at /dev/null too, so the interpreter's last flush at exit does not fail again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
 
 
 class JsonView(View):
