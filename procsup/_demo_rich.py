@@ -84,9 +84,6 @@ class RichView(View):
         """Redraw the live table now, not at the next tick: events come faster than ticks."""
         self._live.update(self._table(rows, _TITLE), refresh=True)
 
-    def _status(self, rows: list[Row], now: float) -> None:  # unused: status() is overridden
-        self.status(rows)
-
     def _table(self, rows: list[Row], title: str, final: bool = False) -> Table:
         now = self.now()
         table = Table(title=title, title_justify="left", expand=False)
