@@ -22,6 +22,8 @@ Things that don't work
   gives no way to stream; a plain ``os.write`` loop over a memoryview copies nothing.
 - Handling SIGINT in the task: Ctrl-C at a terminal signals the whole foreground group; the
   supervisor decides (it cancels the tree), so tasks ignore it and also leave that group.
+- Keeping what a fork inherits: the parent's Python SIGTERM handler (and asyncio's wake-up fd)
+  would swallow the SIGTERM of ``stop()``, leaving only SIGKILL a second later. They are reset.
 """
 
 from __future__ import annotations
@@ -83,6 +85,17 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _reset_signals() -> None:
+    """Drop handlers inherited from the parent (under fork): SIGTERM from stop() must terminate."""
+    signal.set_wakeup_fd(
+        -1
+    )  # an inherited asyncio wake-up fd would swallow signals into the parent
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
+        if callable(signal.getsignal(signum)):
+            signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+
+
 def main(
     task_fn: Callable[..., Any],
     args: tuple[Any, ...],
@@ -91,7 +104,7 @@ def main(
     token: CancellationToken,
 ) -> None:
     """Run ``task_fn(token, *args, **kwargs)`` in this (child) process and report its outcome."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _reset_signals()
     detach_process_group()
     frame = _outcome(task_fn, token, args, kwargs)
     try:
