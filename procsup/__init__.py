@@ -15,6 +15,7 @@ from procsup._errors import (
     TaskPanickedError,
 )
 from procsup._handle import CriticalTaskExecutionHandle
+from procsup._status import EventStream, TaskEvent, TaskSnapshot
 from procsup._supervisor import Supervisor, default_supervisor
 from procsup._token import CancellationToken, DropGuard
 
@@ -23,11 +24,14 @@ __all__ = [
     "CriticalTaskError",
     "CriticalTaskExecutionHandle",
     "DropGuard",
+    "EventStream",
     "NotDetachedError",
     "RemoteTraceback",
     "Supervisor",
     "TaskCrashedError",
+    "TaskEvent",
     "TaskFailedError",
     "TaskPanickedError",
+    "TaskSnapshot",
     "default_supervisor",
 ]

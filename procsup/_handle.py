@@ -22,8 +22,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
 
-from procsup._errors import NotDetachedError
+from procsup._errors import CriticalTaskError, NotDetachedError
 from procsup._monitor import REAP_DEADLINE, TaskRecord, escalate
+from procsup._restart import Lifecycle
 from procsup._supervisor import Supervisor, default_supervisor
 from procsup._token import CancellationToken, check_timeout
 
@@ -103,8 +104,23 @@ class CriticalTaskExecutionHandle(Generic[T]):
         if runtime is not None and not isinstance(runtime, Supervisor):
             raise TypeError(f"runtime must be a Supervisor or None, not {type(runtime).__name__}")
         sup = default_supervisor() if runtime is None else runtime
-        self._task: TaskRecord = sup._start(task_fn, parent_token, description, args, kwargs)
+        self._life: Lifecycle = sup._launch(task_fn, parent_token, description, args, kwargs)
         self._detached = False
+
+    @classmethod
+    def _adopt(cls, life: Lifecycle) -> CriticalTaskExecutionHandle[Any]:
+        """The handle of a task ``Supervisor.spawn`` has started."""
+        handle: CriticalTaskExecutionHandle[Any] = cls.__new__(cls)
+        handle._life = life
+        handle._detached = False
+        return handle
+
+    @property
+    def _task(self) -> TaskRecord:
+        """The current (or last) run."""
+        record = self._life.record
+        assert record is not None, "a handle exists only once its first run has started"
+        return record
 
     @classmethod
     def new(
@@ -134,12 +150,22 @@ class CriticalTaskExecutionHandle(Generic[T]):
     @property
     def description(self) -> str:
         """The description given at creation."""
-        return self._task.description
+        return self._life.description
 
     @property
     def pid(self) -> int:
-        """The task's process id."""
+        """The task's process id (of its current run, for a task that was restarted)."""
         return self._task.pid
+
+    @property
+    def restarts(self) -> int:
+        """How many times the task was restarted (0 for a ``temporary`` task)."""
+        return self._life.restarts
+
+    @property
+    def last_failure(self) -> CriticalTaskError | None:
+        """The error of the last run that failed or crashed (not stopped on request), or None."""
+        return self._life.last_failure
 
     @property
     def exitcode(self) -> int | None:
@@ -148,15 +174,19 @@ class CriticalTaskExecutionHandle(Generic[T]):
 
     def is_finished(self) -> bool:
         """Return True once the outcome is published (process reaped, parent cancelled if due)."""
-        return self._task.future.done()
+        return self._life.future.done()
 
     def is_cancelled(self) -> bool:
         """Return True if the task's own token is cancelled (by ``cancel()`` or an ancestor)."""
         return self._task.token.is_cancelled()
 
     def cancel(self) -> None:
-        """Ask the task to stop by cancelling its token; never cancels the parent. Idempotent."""
-        self._task.token.cancel(f"Critical task '{self.description}' was cancelled by its handle")
+        """Ask the task to stop by cancelling its token; never cancels the parent. Idempotent.
+
+        A restartable task is not restarted after this; if it was waiting to be restarted, its last
+        run's outcome becomes final at once.
+        """
+        self._life.cancel(f"Critical task '{self.description}' was cancelled by its handle")
 
     def join(self, timeout: float | None = None) -> T:
         """Wait for the task's outcome and return its value, or raise its error.
@@ -180,7 +210,7 @@ class CriticalTaskExecutionHandle(Generic[T]):
         wait = check_timeout(timeout)
         self._detached = True  # as in the seed, join() consumes the obligation to detach
         try:
-            return self._task.future.result(wait)  # type: ignore[no-any-return]
+            return self._life.future.result(wait)  # type: ignore[no-any-return]
         except concurrent.futures.TimeoutError:
             raise TimeoutError(
                 f"Critical task '{self.description}' (pid {self.pid}) did not finish within "
@@ -194,7 +224,18 @@ class CriticalTaskExecutionHandle(Generic[T]):
         the task.
         """
         self._detached = True
-        return await asyncio.wrap_future(self._task.future)
+        return await asyncio.wrap_future(self._life.future)
+
+    async def stop_async(self, timeout: float | None = 5.0) -> T:
+        """Asyncio form of ``stop()``: the waits and signals happen without blocking the loop."""
+        wait = check_timeout(timeout)
+        self._detached = True
+        self._life.cancel(f"Critical task '{self.description}' stop requested")
+        future = asyncio.wrap_future(self._life.future)
+        done, _ = await asyncio.wait([future], timeout=wait)
+        if not done:
+            await asyncio.to_thread(self._escalate, timeout)
+        return await future  # type: ignore[no-any-return]
 
     def detach(self) -> None:
         """Let the handle go: the task keeps running, supervised; its parent is still cancelled if
@@ -214,10 +255,17 @@ class CriticalTaskExecutionHandle(Generic[T]):
         """
         wait = check_timeout(timeout)
         self._detached = True
-        self._task.token.cancel(f"Critical task '{self.description}' stop requested")
-        if concurrent.futures.wait([self._task.future], wait).not_done:
-            escalate([self._task], f"it did not honour cancellation within {timeout} s")
+        self._life.cancel(f"Critical task '{self.description}' stop requested")
+        if concurrent.futures.wait([self._life.future], wait).not_done:
+            self._escalate(timeout)
         return self.join(REAP_DEADLINE)
+
+    def _escalate(self, timeout: float | None) -> None:
+        record = None
+        # Again if a restart was under way: its run is born cancelled, but may ignore it too.
+        while not self._life.future.done() and self._life.record is not record:
+            record = self._task
+            escalate([record], f"it did not honour cancellation within {timeout} s")
 
     def __enter__(self) -> CriticalTaskExecutionHandle[T]:
         return self
@@ -248,7 +296,7 @@ class CriticalTaskExecutionHandle(Generic[T]):
 
     def __repr__(self) -> str:
         task = self._task
-        if task.future.done():
+        if self._life.future.done():
             state = f"finished, exitcode={task.exitcode}"
         else:
             state = "cancelled" if task.token.is_cancelled() else "running"

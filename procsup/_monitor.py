@@ -43,7 +43,7 @@ import select
 import signal
 import threading
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from procsup import _platform, _remote
 from procsup._errors import (
@@ -52,13 +52,14 @@ from procsup._errors import (
     TaskFailedError,
     TaskPanickedError,
 )
+from procsup._timers import Timers
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
 
     from procsup._token import CancellationToken
 
-__all__ = ["REAP_DEADLINE", "Monitor", "TaskRecord", "escalate"]
+__all__ = ["REAP_DEADLINE", "Channel", "Monitor", "TaskRecord", "escalate"]
 
 logger = logging.getLogger("procsup")
 
@@ -67,6 +68,19 @@ _READS_PER_WAKE = 16  # bounded so one chatty pipe cannot starve the other tasks
 _KILL_AFTER = 1.0  # seconds between SIGTERM and SIGKILL when escalating
 REAP_DEADLINE = 30.0  # after SIGKILL; only a process stuck in the kernel (D state) takes longer
 _MONITOR_LOST = "Critical task monitor was cancelled"
+_DRAIN_BUDGET = 1024  # reads per channel at exit: a grandchild still writing cannot hold us up
+
+
+class Channel(Protocol):
+    """A pipe the thread drains for a task beside its result (its logs, its captured output)."""
+
+    def fileno(self) -> int: ...
+
+    def pump(self, budget: int | None) -> bool:
+        """Consume what is there (up to ``budget`` reads); False once the writer's end is closed."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class TaskRecord:
@@ -82,6 +96,10 @@ class TaskRecord:
         exited: set under ``lock`` by the thread before it reaps, so a signal sent under ``lock``
             never reaches a recycled pid.
         stop_reason: None, or why procsup escalated to signals (then a crash is a "stop").
+        limit_reason: None, or which limit procsup killed the task for (a timeout); unlike a stop,
+            that crash is a failure and cancels the parent.
+        cancels_parent: False for a task whose restart policy decides (``procsup._restart``).
+        channels: the task's log and output pipes still open; closed before the outcome is out.
         exitcode: None until reaped.
     """
 
@@ -110,10 +128,16 @@ class TaskRecord:
         self.lock = threading.Lock()
         self.exited = False
         self.stop_reason: str | None = None
+        self.limit_reason: str | None = None
+        self.cancels_parent = True
+        self.channels: list[Channel] = []
         self.exitcode: int | None = None
 
     def release(self) -> None:
         """Close every fd the record holds (idempotent); the process must be reaped first."""
+        for channel in self.channels:
+            channel.close()
+        self.channels = []
         if self.conn is not None:
             self.conn.close()
             self.conn = None
@@ -159,6 +183,7 @@ class Monitor:
         self._roles: dict[int, tuple[str, TaskRecord | None]] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._watch(self._wake_r, "wake", None)
+        self.timers = Timers(self._wake)  # restarts and timeouts: the poll timeout honours them
         self._thread = threading.Thread(target=self._run, name="procsup-supervisor", daemon=True)
         self._thread.start()
 
@@ -171,6 +196,9 @@ class Monitor:
         # Registered from the caller's thread: epoll_ctl is safe while the thread waits in
         # epoll_wait, and it spares a wake-up (a GIL hand-off) on every start.
         assert task.conn is not None
+        # The exit fd last: once it is watched the thread may finish the task, unwatching the rest.
+        for channel in list(task.channels):
+            self._watch(channel.fileno(), "channel", task)
         self._watch(task.conn.fileno(), "result", task)
         self._watch(task.exit_fd, "exit", task)
         return True
@@ -213,7 +241,7 @@ class Monitor:
         try:
             while True:
                 deaths = []
-                for fd, _ in self._epoll.poll():
+                for fd, _ in self._epoll.poll(self.timers.timeout()):
                     role, task = self._roles[fd]
                     if role == "wake":
                         with contextlib.suppress(BlockingIOError):
@@ -222,12 +250,16 @@ class Monitor:
                     elif role == "result":
                         assert task is not None
                         self._read(task, _READS_PER_WAKE)
+                    elif role == "channel":
+                        assert task is not None
+                        self._pump(task, fd)
                     else:
                         assert task is not None
                         deaths.append(task)
                 # Results before deaths, so a frame that arrived with the death is not missed.
                 for task in deaths:
                     self._finish(task)
+                self.timers.run_due()
                 with self.lock:
                     done = self._exiting and not self.live
                 if done:
@@ -236,6 +268,15 @@ class Monitor:
             logger.exception("procsup supervisor thread died; its tasks are no longer supervised")
         finally:
             self._lose_all()
+            self.timers.run_all()  # pending restarts resolve (the supervisor is gone: no restart)
+
+    def _pump(self, task: TaskRecord, fd: int) -> None:
+        for channel in task.channels:
+            if channel.fileno() == fd and not channel.pump(_READS_PER_WAKE):
+                self._unwatch(fd)
+                task.channels.remove(channel)
+                channel.close()
+                return
 
     def _read(self, task: TaskRecord, budget: int | None) -> None:
         """Read what the pipe holds (up to ``budget`` chunks); decode once the frame is whole."""
@@ -272,7 +313,7 @@ class Monitor:
         )
         error.__cause__ = _remote.rebuild(decoded)
         task.outcome = error
-        if task.stop_reason is None:
+        if task.stop_reason is None and task.cancels_parent:
             # Cancel now, not at reaping: the process may take a while to exit after reporting.
             task.parent.cancel(str(error))
 
@@ -282,6 +323,9 @@ class Monitor:
         self._unwatch(task.exit_fd)
         if task.conn is not None:
             self._unwatch(task.conn.fileno())
+        for channel in task.channels:  # its last log records are handled before join() returns
+            channel.pump(_DRAIN_BUDGET)
+            self._unwatch(channel.fileno())
         with task.lock:
             task.exited = True
         task.proc.join()
@@ -300,7 +344,8 @@ class Monitor:
             error = _stopped(task, exitcode, error)
             logger.warning("%s", error)
         else:
-            task.parent.cancel(str(error))
+            if task.cancels_parent:
+                task.parent.cancel(str(error))
             logger.error("%s", error)
         task.future.set_exception(error)
 
@@ -317,6 +362,8 @@ class Monitor:
 
 def _crashed(task: TaskRecord, exitcode: int | None) -> TaskCrashedError:
     text, sig = _platform.describe_exit(255 if exitcode is None else exitcode)
+    if task.limit_reason is not None:
+        text = f"{task.limit_reason}, then {text.split(':')[0]}"
     if task.reader.received:
         text += f"; it had sent {task.reader.received} bytes of its result"
     return TaskCrashedError(

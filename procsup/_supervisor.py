@@ -32,6 +32,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import contextlib
+import functools
 import importlib
 import multiprocessing
 import multiprocessing.process
@@ -44,7 +45,14 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from procsup import _platform, _task
+from procsup._aio import off_loop
+from procsup._child import Prepared, open_channels
 from procsup._monitor import REAP_DEADLINE, Monitor, TaskRecord, escalate
+from procsup._options import DEFAULT, RestartPolicy, TaskOptions, check_options
+from procsup._options import check_task as _validate
+from procsup._restart import Lifecycle
+from procsup._status import EventStream, StatusHub, TaskEvent, TaskSnapshot
+from procsup._timers import Timers
 from procsup._token import CancellationToken, check_timeout
 from procsup._zygote import ForkProcess, ZygoteProcess
 
@@ -56,37 +64,6 @@ if TYPE_CHECKING:
 __all__ = ["Supervisor", "default_supervisor"]
 
 T = TypeVar("T")
-
-
-def _validate(
-    task_fn: object, parent: object, description: object, args: object, kwargs: object, method: str
-) -> None:
-    if not callable(task_fn):
-        raise TypeError(f"task_fn must be callable, not {type(task_fn).__name__}")
-    if not isinstance(parent, CancellationToken):
-        raise TypeError(f"parent_token must be a CancellationToken, not {type(parent).__name__}")
-    if not isinstance(description, str):
-        raise TypeError(f"description must be a str, not {type(description).__name__}")
-    if not isinstance(args, tuple | list):
-        raise TypeError(f"args must be a tuple, not {type(args).__name__}")
-    if kwargs is not None and not isinstance(kwargs, Mapping):
-        raise TypeError(f"kwargs must be a mapping or None, not {type(kwargs).__name__}")
-    if method == "fork":
-        return
-    qualname = getattr(task_fn, "__qualname__", "")
-    problem = None
-    if "<lambda>" in qualname or "<locals>" in qualname:
-        problem = f"{qualname} is a lambda or a closure"
-    else:
-        try:
-            pickle.dumps(task_fn)
-        except Exception as exc:  # noqa: BLE001 - any pickling failure gets the same advice
-            problem = f"it cannot be pickled ({exc})"
-    if problem:
-        raise TypeError(
-            f"task_fn for critical task {description!r} must be importable under the "
-            f"{method!r} start method, i.e. defined at module level: {problem}"
-        )
 
 
 class Supervisor:
@@ -132,6 +109,7 @@ class Supervisor:
         self._closed = False  # set once by shutdown(); no task starts after
         self._monitor: Monitor | None = None  # created with the first task
         self._pid = os.getpid()  # a forked copy of this object is inert
+        self._status = StatusHub()  # live tasks (across restarts) and event subscribers
         _ALL.add(self)
 
     @property
@@ -157,6 +135,14 @@ class Supervisor:
         args: tuple[Any, ...] = (),
         kwargs: Mapping[str, Any] | None = None,
         parent_token: CancellationToken | None = None,
+        restart: RestartPolicy = "temporary",
+        max_restarts: int = 3,
+        period: float = 5.0,
+        memory_limit: int | None = None,
+        cpu_time_limit: float | None = None,
+        timeout: float | None = None,
+        capture_output: bool = False,
+        backoff: tuple[float, float] = (0.05, 2.0),
     ) -> CriticalTaskExecutionHandle[T]: ...
 
     @overload
@@ -167,6 +153,14 @@ class Supervisor:
         args: tuple[Any, ...] = (),
         kwargs: Mapping[str, Any] | None = None,
         parent_token: CancellationToken | None = None,
+        restart: RestartPolicy = "temporary",
+        max_restarts: int = 3,
+        period: float = 5.0,
+        memory_limit: int | None = None,
+        cpu_time_limit: float | None = None,
+        timeout: float | None = None,
+        capture_output: bool = False,
+        backoff: tuple[float, float] = (0.05, 2.0),
     ) -> CriticalTaskExecutionHandle[T]: ...
 
     def spawn(
@@ -176,18 +170,111 @@ class Supervisor:
         args: tuple[Any, ...] = (),
         kwargs: Mapping[str, Any] | None = None,
         parent_token: CancellationToken | None = None,
+        restart: RestartPolicy = "temporary",
+        max_restarts: int = 3,
+        period: float = 5.0,
+        memory_limit: int | None = None,
+        cpu_time_limit: float | None = None,
+        timeout: float | None = None,
+        capture_output: bool = False,
+        backoff: tuple[float, float] = (0.05, 2.0),
     ) -> CriticalTaskExecutionHandle[Any]:
         """Start ``task_fn(token, *args, **kwargs)`` as a critical task; return its handle.
 
-        ``parent_token`` defaults to this supervisor's root token. Raises as
-        ``CriticalTaskExecutionHandle`` does, and ``RuntimeError`` after ``shutdown()``.
+        Args:
+            task_fn, description, args, kwargs: As for ``CriticalTaskExecutionHandle``.
+            parent_token: Cancelled when the task finally fails; None means this supervisor's
+                root token.
+            restart: Erlang/OTP policy: "temporary" runs once, a failure cancels the parent;
+                "transient" is restarted after a failure or crash, not after a return; "permanent"
+                after any end. Each run gets a fresh child token. Restarts stop once the handle
+                cancels or stops the task, the parent is cancelled or the supervisor shuts down.
+            max_restarts, period: Restart intensity: one restart more than ``max_restarts`` within
+                ``period`` seconds cancels the parent with a cause listing the last failures, and
+                the task is not run again. ``max_restarts=0`` escalates on the first failure.
+            memory_limit: Bytes of private writable memory (heap, anonymous mappings; Linux
+                ``RLIMIT_DATA``) the task process may use; None means no limit. Going over it fails
+                the allocation: the task fails with "MemoryError: memory limit exceeded ...".
+            cpu_time_limit: Seconds of CPU time (rounded up to whole seconds; ``RLIMIT_CPU``); the
+                task is then killed by SIGXCPU ("CPU time limit exceeded"). None: no limit.
+            timeout: Seconds of wall-clock time per run. The task's token is then cancelled; if it
+                has not ended ``grace_period`` seconds later, its tree gets SIGTERM, then SIGKILL,
+                and it crashed ("it exceeded its timeout"), which counts as a failure. A task that
+                returns after the cancellation returned. None: no limit.
+            capture_output: Show the task's stdout and stderr on this process's ``sys.stdout`` and
+                ``sys.stderr``, line by line, prefixed with ``[description pid]``. Logging records
+                are forwarded whatever this says.
+            backoff: ``(first, most)`` seconds to wait before a restart: ``first`` doubled for
+                each restart within ``period``, at most ``most``, times a random factor in
+                [0.5, 1].
+
+        Raises:
+            TypeError, ValueError: a bad argument (ValueError for a bad value: a negative limit,
+                an unknown policy); no process is started then.
+            RuntimeError: after ``shutdown()``.
         """
         from procsup._handle import CriticalTaskExecutionHandle
 
+        options = check_options(
+            restart, max_restarts, period, backoff, memory_limit, cpu_time_limit, timeout,
+            capture_output,
+        )  # fmt: skip
         parent = self.token if parent_token is None else parent_token
-        return CriticalTaskExecutionHandle(
-            task_fn, parent, description, args=args, kwargs=kwargs, runtime=self
+        return CriticalTaskExecutionHandle._adopt(
+            self._launch(task_fn, parent, description, args, kwargs, options)
         )
+
+    async def spawn_async(
+        self, task_fn: Callable[..., Any], description: str, **spawn_args: Any
+    ) -> CriticalTaskExecutionHandle[Any]:
+        """``spawn()`` from a coroutine, without blocking the event loop.
+
+        Starting a process takes milliseconds (the first start of a supervisor, which boots its
+        zygote, about 100), so the start runs in the loop's default executor. Takes the same
+        arguments and raises the same errors as ``spawn()``. If the awaiting coroutine is cancelled
+        meanwhile, the task is still started, then cancelled and detached.
+        """
+        return await off_loop(functools.partial(self.spawn, task_fn, description, **spawn_args))
+
+    def _launch(
+        self,
+        task_fn: Callable[..., Any],
+        parent: CancellationToken,
+        description: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any] | None,
+        options: TaskOptions = DEFAULT,
+    ) -> Lifecycle:
+        life = Lifecycle(self, task_fn, parent, description, args, kwargs, options)
+        life.start()
+        return life
+
+    def tasks(self) -> list[TaskSnapshot]:
+        """Snapshots of every task not finally done (running, or waiting to restart), oldest first.
+
+        Each reads psutil for the task's RSS and CPU use; a task that exits meanwhile shows None.
+        """
+        return [life.snapshot() for life in self._status.live()]
+
+    def events(self, maxlen: int = 10_000) -> EventStream:
+        """Open a stream of lifecycle events of this supervisor's tasks (see ``TaskEvent``).
+
+        Args:
+            maxlen: Unread events kept; beyond it the oldest are dropped (``stream.dropped``).
+        """
+        return self._status.stream(maxlen)
+
+    def on_event(self, callback: Callable[[TaskEvent], object]) -> Callable[[], None]:
+        """Call ``callback(event)`` for every lifecycle event; return a function removing it.
+
+        The callback runs on the thread that caused the event (the supervision thread for all but
+        a first ``started``): keep it short and non-blocking. What it raises is logged and dropped.
+        """
+        return self._status.add_callback(callback)
+
+    def _timers(self) -> Timers:
+        assert self._monitor is not None, "a task has started, so the monitor exists"
+        return self._monitor.timers
 
     # ---------------------------------------------------------------- starting
 
@@ -198,6 +285,7 @@ class Supervisor:
         description: str,
         args: tuple[Any, ...],
         kwargs: Mapping[str, Any] | None,
+        options: TaskOptions = DEFAULT,
     ) -> TaskRecord:
         _validate(task_fn, parent, description, args, kwargs, self._method)
         if os.getpid() != self._pid:
@@ -211,15 +299,20 @@ class Supervisor:
         token = parent.child_token()
         reader, writer = self._ctx.Pipe(duplex=False)
         _platform.enlarge_pipe(writer.fileno())
+        setup, channels = open_channels(options, description)
+        target = Prepared(task_fn, setup)
         # The token goes last: if args fail to pickle, it was never handed to a child.
         proc = self._process(
-            task_fn, description, (task_fn, tuple(args), dict(kwargs or {}), writer, token)
+            task_fn, description, (target, tuple(args), dict(kwargs or {}), writer, token)
         )
         try:
             proc.start()
         except BaseException as exc:
             reader.close()
             writer.close()
+            setup.close()
+            for channel in channels:
+                channel.close()
             if isinstance(exc, pickle.PicklingError | TypeError | AttributeError):
                 raise TypeError(
                     f"critical task {description!r} could not be started: its function, args "
@@ -227,11 +320,16 @@ class Supervisor:
                 ) from exc
             raise
         writer.close()  # so the child holds the only write end we know of
+        setup.close()
         # Reaped by our thread alone (see "Things that don't work").
         multiprocessing.process._children.discard(proc)  # type: ignore[attr-defined]
         os.set_blocking(reader.fileno(), False)
         exit_fd, owned = _platform.exit_notifier(proc, self._method)
         task = TaskRecord(description, proc, token, parent, reader, exit_fd, owned)
+        task.cancels_parent = not options.restarts
+        task.channels = list(channels)
+        for channel in channels:
+            channel.pid = task.pid
         if not monitor.add(task):  # shutdown() finished while we were starting: undo
             _platform.signal_tree(task.pid, signal.SIGKILL)
             proc.join()

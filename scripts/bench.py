@@ -350,9 +350,85 @@ def tasks_section(quick: bool) -> list[Row]:
     return rows
 
 
+# --- daemon features -----------------------------------------------------------------------
+
+
+def _thread_cpu(native_id: int) -> float:
+    """CPU seconds (user + system) used so far by one thread of this process."""
+    for thread in psutil.Process().threads():
+        if thread.id == native_id:
+            return float(thread.user_time + thread.system_time)
+    raise LookupError(f"no thread {native_id} in this process")
+
+
+def bench_idle_supervisor(count: int, seconds: float) -> Row:
+    with Supervisor() as sup:
+        handles = [sup.spawn(bench_tasks.idle, f"idle {i}") for i in range(count)]
+        monitor = sup._monitor
+        assert monitor is not None
+        assert monitor._thread.native_id is not None
+        native_id = monitor._thread.native_id
+        time.sleep(0.5)  # let the starts settle
+        cpu, wall = _thread_cpu(native_id), time.perf_counter()
+        time.sleep(seconds)
+        used = _thread_cpu(native_id) - cpu
+        percent = 100.0 * used / (time.perf_counter() - wall)
+        sup.token.cancel()
+        for handle in handles:
+            handle.join(30)
+    return Row(
+        f"supervisor thread CPU with {count} idle tasks", percent, "%", target=1.0, absolute=True
+    )
+
+
+def bench_restart_cost(rounds: int, runs: int) -> Row:
+    """Per run: ``runs`` fresh spawn()+join() against one permanent task restarted ``runs - 1``
+    times (no backoff), rounds interleaved so load changes hit both alike."""
+    fresh, restarted = [], []
+    with Supervisor() as sup:
+        sup.spawn(bench_tasks.trivial, "warm-up").join()
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(runs):
+                sup.spawn(bench_tasks.trivial, "fresh").join()
+            fresh.append((time.perf_counter() - start) / runs * 1e3)
+            parent = CancellationToken()
+            start = time.perf_counter()
+            handle = sup.spawn(
+                bench_tasks.trivial,
+                "restarted",
+                parent_token=parent,
+                restart="permanent",
+                max_restarts=runs - 1,
+                period=3600.0,
+                backoff=(0.0, 0.0),
+            )
+            try:
+                handle.join(60)
+            except Exception:  # the escalation after the last permanent run is the point here
+                pass
+            restarted.append((time.perf_counter() - start) / runs * 1e3)
+            assert handle.restarts == runs - 1
+    return Row(
+        "restart: per run of a permanent task, no backoff",
+        statistics.median(restarted),
+        "ms",
+        statistics.median(fresh),
+        "fresh spawn() + join()",
+        1.5,
+    )
+
+
+def daemon_section(quick: bool) -> list[Row]:
+    rows = [bench_idle_supervisor(100, 1.0 if quick else 3.0)]
+    rows.append(bench_restart_cost(3 if quick else 10, 10 if quick else 30))
+    return rows
+
+
 SECTIONS: dict[str, Callable[[bool], list[Row]]] = {
     "tokens": tokens_section,
     "tasks": tasks_section,
+    "daemon": daemon_section,
 }
 
 
