@@ -119,7 +119,7 @@ class Arena:
         self.words = memoryview(self.map).cast("I")
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
         self._thread_lock = threading.Lock()
-        self._pending: deque[int] = deque()
+        self._pending: deque[tuple[int, int]] = deque()
         self._woken: list[int] = []
         if create:
             self.words[_H_HIGH] = _FIRST_SLOT
@@ -183,7 +183,10 @@ class Arena:
         """Drain queued releases, unlock, then wake the waiters of every slot changed meanwhile."""
         try:
             while self._pending:
-                self._release(self._pending.popleft())
+                slot, live = self._pending.popleft()
+                # A node pruned meanwhile (procsup._token.prune) is in another gen: not ours.
+                if self.words[slot * SLOT_WORDS + _WORD] >> 1 == live >> 1:
+                    self._release(slot)
         finally:
             woken, self._woken = self._woken, []
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
@@ -196,8 +199,8 @@ class Arena:
             if words[slot * SLOT_WORDS + HINT]:
                 futex_wake(self.address + slot * SLOT_WORDS * 4)
 
-    def release_later(self, slot: int) -> None:
-        self._pending.append(slot)
+    def release_later(self, slot: int, live: int) -> None:
+        self._pending.append((slot, live))
         if self._thread_lock.acquire(blocking=False):
             # Not inside one of our own critical sections (a GC pass can run __del__ there).
             self._thread_lock.release()
@@ -255,6 +258,38 @@ class Arena:
             w[base + _NEXT] = w[_H_FREE]
             w[_H_FREE] = slot
             slot = parent
+
+    def prune(self, root: int) -> None:
+        """Free every node below ``root`` whatever its ``refs``, and set ``root``'s ``refs`` to 1.
+
+        The subtree is cut off from ``root`` (one store) before any node is freed, so a holder
+        killed halfway leaves unreachable nodes leaked, never a list another process could trip on.
+        """
+        w = self.words
+        doomed: list[int] = []
+        stack = [w[root * SLOT_WORDS + _FIRST]]
+        budget = w[_H_HIGH]  # never loop forever on a corrupt list
+        while stack and budget > 0:
+            child = stack.pop()
+            while child and budget > 0:
+                budget -= 1
+                doomed.append(child)
+                stack.append(w[child * SLOT_WORDS + _FIRST])
+                child = w[child * SLOT_WORDS + _NEXT]
+        w[root * SLOT_WORDS + _FIRST] = 0
+        w[root * SLOT_WORDS + _REFS] = 1
+        for slot in doomed:
+            base = slot * SLOT_WORDS
+            if not w[base + _REFS]:
+                continue  # already free (a release that was killed after unlinking)
+            w[base + _REFS] = 0
+            w[base + _WORD] = ((w[base + _WORD] >> 1) + 1 & 0x7FFFFFFF) << 1  # next gen, live
+            self._woken.append(slot)
+            cause = w[base + CAUSE]
+            w[base + _PARENT] = w[base + CAUSE] = w[base + _FIRST] = 0
+            self._cause_unref(cause)
+            w[base + _NEXT] = w[_H_FREE]
+            w[_H_FREE] = slot
 
     def _journaled(self, op: int, a: int, b: int, c: int, d: int = 0) -> None:
         """Relink siblings; a holder killed halfway leaves the journal for the next to redo."""

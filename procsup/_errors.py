@@ -121,6 +121,14 @@ class TaskCrashedError(CriticalTaskError):
     Attributes:
         signal: The name of the signal that killed the process ("SIGKILL"), or None if it exited.
         stopped: True when procsup killed the task because it was asked to stop it.
+        core_dumped: True if the kernel dumped a core.
+        peak_rss: The process's peak resident set size in bytes, or None if unknown.
+        wall_time: Seconds from the start of the process to its reaping, or None.
+        cpu_time: User plus system CPU seconds of the process, or None if unknown.
+        stderr_tail: The last lines the task wrote to stderr (about 50 lines, 8 KiB at most), or
+            None. Also in the error's notes, so a traceback shows them.
+        faulthandler_dump: The faulthandler report of a fatal signal (where every thread was), or
+            None.
     """
 
     __module__ = "procsup"
@@ -134,10 +142,22 @@ class TaskCrashedError(CriticalTaskError):
         exitcode: int | None = None,
         signal: str | None = None,
         stopped: bool = False,
+        core_dumped: bool = False,
+        peak_rss: int | None = None,
+        wall_time: float | None = None,
+        cpu_time: float | None = None,
+        stderr_tail: str | None = None,
+        faulthandler_dump: str | None = None,
     ) -> None:
         super().__init__(message, description=description, pid=pid, exitcode=exitcode)
         self.signal = signal
         self.stopped = stopped
+        self.core_dumped = core_dumped
+        self.peak_rss = peak_rss
+        self.wall_time = wall_time
+        self.cpu_time = cpu_time
+        self.stderr_tail = stderr_tail
+        self.faulthandler_dump = faulthandler_dump
 
 
 class NotDetachedError(CriticalTaskError):

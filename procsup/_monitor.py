@@ -42,10 +42,11 @@ import os
 import select
 import signal
 import threading
+import time
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Protocol
 
-from procsup import _platform, _remote
+from procsup import _contain, _crash, _platform, _remote
 from procsup._errors import (
     CriticalTaskError,
     TaskCrashedError,
@@ -53,13 +54,16 @@ from procsup._errors import (
     TaskPanickedError,
 )
 from procsup._timers import Timers
+from procsup._token import prune
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
 
+    from procsup._contain import ExitInfo
+    from procsup._stdio import StderrTap
     from procsup._token import CancellationToken
 
-__all__ = ["REAP_DEADLINE", "Channel", "Monitor", "TaskRecord", "escalate"]
+__all__ = ["KILL_WAIT", "REAP_DEADLINE", "Channel", "Monitor", "TaskRecord", "escalate"]
 
 logger = logging.getLogger("procsup")
 
@@ -67,6 +71,7 @@ _READ_CHUNK = 1 << 20
 _READS_PER_WAKE = 16  # bounded so one chatty pipe cannot starve the other tasks' deaths
 _KILL_AFTER = 1.0  # seconds between SIGTERM and SIGKILL when escalating
 REAP_DEADLINE = 30.0  # after SIGKILL; only a process stuck in the kernel (D state) takes longer
+KILL_WAIT = 3.0  # seconds stop() and shutdown() wait after SIGKILL before reporting a stuck process
 _MONITOR_LOST = "Critical task monitor was cancelled"
 _DRAIN_BUDGET = 1024  # reads per channel at exit: a grandchild still writing cannot hold us up
 
@@ -100,6 +105,9 @@ class TaskRecord:
             that crash is a failure and cancels the parent.
         cancels_parent: False for a task whose restart policy decides (``procsup._restart``).
         channels: the task's log and output pipes still open; closed before the outcome is out.
+        stderr: the task's stderr pipe (also among ``channels`` while open), kept for its tail.
+        started: ``time.monotonic()`` when the record was made, just after the process started.
+        info: None until reaped; then how the process ended (``procsup._contain.ExitInfo``).
         exitcode: None until reaped.
     """
 
@@ -131,6 +139,9 @@ class TaskRecord:
         self.limit_reason: str | None = None
         self.cancels_parent = True
         self.channels: list[Channel] = []
+        self.stderr: StderrTap | None = None
+        self.started = time.monotonic()
+        self.info: ExitInfo | None = None
         self.exitcode: int | None = None
 
     def release(self) -> None:
@@ -147,10 +158,13 @@ class TaskRecord:
         self.proc.close()
 
 
-def escalate(tasks: list[TaskRecord], reason: str) -> None:
-    """SIGTERM each task's process tree, give them ``_KILL_AFTER`` seconds, then SIGKILL the rest.
+def escalate(tasks: list[TaskRecord], reason: str) -> list[str]:
+    """SIGTERM each task's process tree, give them ``_KILL_AFTER`` seconds, then SIGKILL the rest
+    (trees frozen first, ``procsup._contain.kill_tree``) and give them ``KILL_WAIT`` seconds.
 
-    ``reason`` completes "was stopped on request: ..." in the task's ``TaskCrashedError``.
+    ``reason`` completes "was stopped on request: ..." in the task's ``TaskCrashedError``. Returns
+    (and logs) what ``/proc`` says of each task still not reaped then, e.g. one in D state; the
+    supervision thread keeps watching it and publishes its outcome whenever it dies.
     """
     for task in tasks:
         with task.lock:
@@ -161,7 +175,16 @@ def escalate(tasks: list[TaskRecord], reason: str) -> None:
     for task in tasks:
         with task.lock:
             if not task.exited:
-                _platform.signal_tree(task.pid, signal.SIGKILL)
+                _contain.kill_tree(task.pid)
+    concurrent.futures.wait([task.future for task in tasks], KILL_WAIT)
+    stuck = []
+    for task in tasks:
+        with task.lock:
+            if not task.exited:
+                stuck += [f"task '{task.description}' " + s for s in _contain.stuck([task.pid])]
+    if stuck:
+        logger.error("still alive %s s after SIGKILL: %s", KILL_WAIT, "; ".join(stuck))
+    return stuck
 
 
 class Monitor:
@@ -328,9 +351,11 @@ class Monitor:
             self._unwatch(channel.fileno())
         with task.lock:
             task.exited = True
-        task.proc.join()
-        task.exitcode = exitcode = task.proc.exitcode
+        task.info = _contain.reap(task.proc)
+        task.exitcode = exitcode = task.info.exitcode
         task.release()
+        # The dead task can no longer give back its references to its token's subtree.
+        prune(task.token)
         with self.lock:
             self.live.discard(task)
         outcome, task.outcome = task.outcome, None  # from now on the Future alone holds it
@@ -342,6 +367,9 @@ class Monitor:
         error.exitcode = exitcode
         if task.stop_reason is not None:
             error = _stopped(task, exitcode, error)
+        if isinstance(error, TaskCrashedError):
+            _crash.annotate(error, task.info, task.started, task.stderr)
+        if task.stop_reason is not None:
             logger.warning("%s", error)
         else:
             if task.cancels_parent:
@@ -361,7 +389,7 @@ class Monitor:
 
 
 def _crashed(task: TaskRecord, exitcode: int | None) -> TaskCrashedError:
-    text, sig = _platform.describe_exit(255 if exitcode is None else exitcode)
+    text, sig = _crash.describe(exitcode, task.info, task.stderr)
     if task.limit_reason is not None:
         text = f"{task.limit_reason}, then {text.split(':')[0]}"
     if task.reader.received:
@@ -376,7 +404,7 @@ def _crashed(task: TaskRecord, exitcode: int | None) -> TaskCrashedError:
 
 
 def _stopped(task: TaskRecord, exitcode: int | None, error: CriticalTaskError) -> TaskCrashedError:
-    text, sig = _platform.describe_exit(255 if exitcode is None else exitcode)
+    text, sig = _crash.describe(exitcode, task.info, task.stderr, stopped=True)
     how = text.split(":")[0]  # "killed by SIGTERM (signal 15)", without the likely cause
     stopped = TaskCrashedError(
         f"Critical task '{task.description}' was stopped on request: {task.stop_reason}, "

@@ -36,9 +36,15 @@ __all__ = [
     "detach_process_group",
     "enlarge_pipe",
     "exit_notifier",
+    "proc_state",
+    "set_child_subreaper",
+    "set_parent_death_signal",
     "signal_name",
     "signal_tree",
 ]
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 
 # Why a process usually dies of a signal, phrased for the person reading the traceback.
 _LIKELY_CAUSE: dict[str, str] = {
@@ -169,3 +175,65 @@ def enlarge_pipe(fd: int) -> None:
 
         with contextlib.suppress(OSError):
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+
+
+def _prctl(option: int, value: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0) == 0)
+
+
+def set_child_subreaper() -> bool:
+    """Make orphaned descendants of the calling process reparent to it, not to init (Linux >= 3.4).
+
+    Even a descendant that called ``setsid()`` then stays below the caller while it lives, so a walk
+    of its children finds the whole tree. Returns False where unsupported.
+    """
+    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def set_parent_death_signal(signum: int) -> bool:
+    """Ask the kernel to send ``signum`` to the caller when the *thread* that forked it exits.
+
+    Only safe in a child of a single-threaded parent (or of a thread that lives as long as its
+    process): the signal follows the forking thread, not the process. Returns False where
+    unsupported.
+    """
+    return _prctl(_PR_SET_PDEATHSIG, signum)
+
+
+_STATES = {
+    "R": "running",
+    "S": "sleeping",
+    "D": "disk sleep (uninterruptible)",
+    "T": "stopped",
+    "t": "tracing stop",
+    "Z": "zombie",
+    "X": "dead",
+    "I": "idle",
+}
+
+
+def proc_state(pid: int) -> str:
+    """Describe ``pid`` as ``/proc`` sees it: "D (disk sleep (uninterruptible)), wchan ...".
+
+    "gone" if the process no longer exists; "unknown" where ``/proc`` is unavailable.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return "gone"
+    except OSError:
+        return "unknown"
+    state = stat[stat.rfind(")") + 2 :].split(" ", 1)[0]
+    text = f"{state} ({_STATES.get(state, 'unknown')})"
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/wchan") as f:
+            wchan = f.read().strip()
+        if wchan and wchan != "0":
+            text += f", wchan {wchan}"
+    return text

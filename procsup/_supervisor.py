@@ -34,6 +34,7 @@ import concurrent.futures
 import contextlib
 import functools
 import importlib
+import logging
 import multiprocessing
 import multiprocessing.process
 import os
@@ -47,14 +48,16 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from procsup import _platform, _task
 from procsup._aio import off_loop
 from procsup._child import Prepared, open_channels
-from procsup._monitor import REAP_DEADLINE, Monitor, TaskRecord, escalate
+from procsup._monitor import KILL_WAIT, REAP_DEADLINE, Monitor, TaskRecord, escalate
 from procsup._options import DEFAULT, RestartPolicy, TaskOptions, check_options
 from procsup._options import check_task as _validate
 from procsup._restart import Lifecycle
+from procsup._signals import SignalBridge
 from procsup._status import EventStream, StatusHub, TaskEvent, TaskSnapshot
+from procsup._stdio import StderrTap
 from procsup._timers import Timers
 from procsup._token import CancellationToken, check_timeout
-from procsup._zygote import ForkProcess, ZygoteProcess
+from procsup._zygote import ForkProcess, ZygoteProcess, guard
 
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext
@@ -64,6 +67,8 @@ if TYPE_CHECKING:
 __all__ = ["Supervisor", "default_supervisor"]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("procsup")
 
 
 class Supervisor:
@@ -108,6 +113,7 @@ class Supervisor:
         self._lock = threading.Lock()  # guards _closed and _monitor
         self._closed = False  # set once by shutdown(); no task starts after
         self._monitor: Monitor | None = None  # created with the first task
+        self._signals: SignalBridge | None = None  # install_signal_handlers() until shutdown()
         self._pid = os.getpid()  # a forked copy of this object is inert
         self._status = StatusHub()  # live tasks (across restarts) and event subscribers
         _ALL.add(self)
@@ -296,20 +302,26 @@ class Supervisor:
             monitor = self._monitor
             if monitor is None:
                 monitor = self._monitor = self._boot(getattr(task_fn, "__module__", None))
+                # Kept alive while it supervises, dropped or not, so that atexit shuts it down.
+                _RUNNING.add(self)
         token = parent.child_token()
         reader, writer = self._ctx.Pipe(duplex=False)
         _platform.enlarge_pipe(writer.fileno())
         setup, channels = open_channels(options, description)
         target = Prepared(task_fn, setup)
+        stderr = StderrTap()
         # The token goes last: if args fail to pickle, it was never handed to a child.
         proc = self._process(
-            task_fn, description, (target, tuple(args), dict(kwargs or {}), writer, token)
+            task_fn,
+            description,
+            (target, tuple(args), dict(kwargs or {}), writer, token, stderr.child_end),
         )
         try:
             proc.start()
         except BaseException as exc:
             reader.close()
             writer.close()
+            stderr.close()
             setup.close()
             for channel in channels:
                 channel.close()
@@ -320,14 +332,19 @@ class Supervisor:
                 ) from exc
             raise
         writer.close()  # so the child holds the only write end we know of
+        stderr.close_child_end()
         setup.close()
         # Reaped by our thread alone (see "Things that don't work").
         multiprocessing.process._children.discard(proc)  # type: ignore[attr-defined]
         os.set_blocking(reader.fileno(), False)
         exit_fd, owned = _platform.exit_notifier(proc, self._method)
+        if self._method == "fork" or owned:  # exit_fd is a pidfd: the zygote can watch it
+            self._guard(proc.pid, exit_fd, token)
         task = TaskRecord(description, proc, token, parent, reader, exit_fd, owned)
+        task.stderr = stderr
+        stderr.pid = task.pid
         task.cancels_parent = not options.restarts
-        task.channels = list(channels)
+        task.channels = [*channels, stderr]
         for channel in channels:
             channel.pid = task.pid
         if not monitor.add(task):  # shutdown() finished while we were starting: undo
@@ -343,10 +360,42 @@ class Supervisor:
         if self._method == "forkserver":
             module = getattr(task_fn, "__module__", None)
             preload = self._preload if module in (None, "__main__") else [*self._preload, module]
-            return ZygoteProcess(_task.main, args, name, preload=preload)
+            return ZygoteProcess(
+                _task.main, args, name, preload=preload, token=args[4], grace=self._grace
+            )
         if self._method == "fork":
             return ForkProcess(_task.main, args, name)
         return self._ctx.Process(target=_task.main, args=args, name=name)  # type: ignore[attr-defined]
+
+    def _guard(self, pid: int, pidfd: int, token: CancellationToken) -> None:
+        """Make the zygote the guardian of a fork/spawn task (``procsup._guardian``)."""
+        try:
+            guard(pid, pidfd, token, self._grace)
+        except (OSError, RuntimeError) as exc:
+            logger.warning(
+                "procsup zygote unavailable: task pid %d will not be killed if this process dies "
+                "(%s)",
+                pid,
+                exc,
+            )
+
+    def install_signal_handlers(self) -> None:
+        """Make SIGINT and SIGTERM cancel this supervisor's root token; a second one shuts down.
+
+        The first signal cancels ``token`` with a cause naming it ("Supervisor received SIGTERM
+        (signal 15)"); the program is expected to notice and shut down. A second signal calls
+        ``shutdown()`` with a grace of at most one second. The handlers never block: they write
+        one byte to a pipe that a "procsup-signals" thread reads. ``shutdown()`` (on the main
+        thread) restores the previous handlers. Idempotent.
+
+        Raises:
+            RuntimeError: not called from the main thread, or after ``shutdown()``.
+        """
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this Supervisor has been shut down")
+            if self._signals is None:
+                self._signals = SignalBridge(self, (signal.SIGINT, signal.SIGTERM))
 
     def _boot(self, task_module: str | None) -> Monitor:
         if self._method == "fork":  # forked tasks find these imported; the zygote imports its own
@@ -373,6 +422,10 @@ class Supervisor:
         with self._lock:
             self._closed = True
             monitor = self._monitor
+            signals = self._signals
+        if signals is not None and signals.uninstall():
+            self._signals = None
+        _RUNNING.discard(self)
         self.token.cancel("Supervisor shut down")
         if monitor is None:
             return
@@ -384,13 +437,16 @@ class Supervisor:
             futures = [task.future for task in tasks]
             concurrent.futures.wait(futures, wait)
             stragglers = [task for task in tasks if not task.future.done()]
+            stuck: list[str] = []
             if stragglers:
                 reason = f"it did not honour cancellation within {wait} s of shutdown"
-                escalate(stragglers, reason)
-            concurrent.futures.wait(futures, REAP_DEADLINE)
+                stuck = escalate(stragglers, reason)
+            if not stuck:
+                concurrent.futures.wait(futures, REAP_DEADLINE)
             with monitor.lock:
                 tasks = [task for task in monitor.live if task.future not in futures]
-        monitor.close(REAP_DEADLINE)
+        # A task that SIGKILL cannot end (D state) was reported; its watch outlives us.
+        monitor.close(KILL_WAIT if monitor.live else REAP_DEADLINE)
 
     def __enter__(self) -> Supervisor:
         return self
@@ -407,6 +463,7 @@ class Supervisor:
 Supervisor.__module__ = "procsup"
 
 _ALL: weakref.WeakSet[Supervisor] = weakref.WeakSet()
+_RUNNING: set[Supervisor] = set()  # booted and not shut down yet
 _default: Supervisor | None = None
 _default_lock = threading.Lock()
 
@@ -430,7 +487,7 @@ def _shutdown_default(timeout: float | None = None) -> None:
 
 
 def _shutdown_all() -> None:
-    for sup in list(_ALL):
+    for sup in [*_RUNNING, *_ALL]:
         sup.shutdown()
 
 
@@ -440,6 +497,7 @@ def _forget_after_fork() -> None:
     _default = None
     _default_lock = threading.Lock()
     _ALL.clear()
+    _RUNNING.clear()
 
 
 atexit.register(_shutdown_all)

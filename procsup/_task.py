@@ -4,8 +4,9 @@
 
     supervisor process                               task process (multiprocessing child)
     ──────────────────                               ────────────────────────────────────
-    Process(target=main, args=(fn, args,   ──start──▶ main(): SIGINT ignored, own process group
-            kwargs, writer, token))                         value = fn(token, *args, **kwargs)
+    Process(target=main, args=(fn, args,   ──start──▶ main(): SIGINT ignored, own process group,
+            kwargs, writer, token, stderr))                 a subreaper, fd 2 := the stderr pipe
+                                                            value = fn(token, *args, **kwargs)
     writer closed right after start                         (an awaitable runs in a fresh loop)
                                                             frame = encode_return / encode_error
     supervisor thread reads the pipe   ◀──── frame ──────  os.write(writer) until all is sent
@@ -37,8 +38,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
+from procsup._contain import enter_task
 from procsup._platform import detach_process_group
 from procsup._remote import encode_error, encode_return
+from procsup._stdio import attach
 from procsup._token import CancellationToken
 
 __all__ = ["main"]
@@ -102,10 +105,17 @@ def main(
     kwargs: Mapping[str, Any],
     writer: Connection,
     token: CancellationToken,
+    stderr: Connection | None = None,
 ) -> None:
-    """Run ``task_fn(token, *args, **kwargs)`` in this (child) process and report its outcome."""
+    """Run ``task_fn(token, *args, **kwargs)`` in this (child) process and report its outcome.
+
+    ``stderr``: the write end of the task's stderr pipe (``procsup._stdio``), or None.
+    """
     _reset_signals()
     detach_process_group()
+    enter_task()  # a subreaper: descendants stay below the task while it lives (procsup._contain)
+    if stderr is not None:
+        attach(stderr)
     frame = _outcome(task_fn, token, args, kwargs)
     try:
         _write_all(writer.fileno(), frame)

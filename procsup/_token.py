@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from procsup._arena import CAUSE, DEFAULT_REASON, HINT, SLOT_WORDS, Arena
 from procsup._futex import futex_wait, futex_wake
 
-__all__ = ["CancellationToken", "DropGuard", "check_timeout"]
+__all__ = ["CancellationToken", "DropGuard", "borrow_args", "borrowed", "check_timeout", "prune"]
 
 T = TypeVar("T")
 
@@ -98,7 +98,7 @@ class CancellationToken:
         # process gives its reference back.
         owner = getattr(self, "_owner", 0)
         if owner and not sys.is_finalizing() and owner == os.getpid():
-            self._arena.release_later(self._slot)
+            self._arena.release_later(self._slot, self._live)
 
     def child_token(self) -> CancellationToken:
         """Return a new child: cancelled with this token, but cancelling it leaves this one alone.
@@ -297,6 +297,39 @@ def _set_done(future: asyncio.Future[None]) -> None:
 def _rebuild(key: bytes, fd: Any, slot: int, live: int) -> CancellationToken:
     arena = Arena.adopt(key, fd)
     return CancellationToken._from_slot(arena, slot, live, os.getpid())
+
+
+def borrow_args(token: CancellationToken, popen: object) -> tuple[Any, ...]:
+    """Picklable arguments of ``borrowed()`` for a process being started by ``popen``.
+
+    Unlike pickling the token, this takes no reference: the guardian that borrows it (procsup's
+    zygote) can cancel the node for as long as it lives, and a node freed meanwhile reads as
+    cancelled there, so nothing is ever released twice.
+    """
+    arena = token._arena
+    return (arena.key, arena.dup_for_child(popen), token._slot, token._live)
+
+
+def borrowed(key: bytes, fd: Any, slot: int, live: int) -> CancellationToken:
+    """A token on the node ``borrow_args()`` described, holding no reference to it."""
+    return CancellationToken._from_slot(Arena.adopt(key, fd), slot, live, 0)
+
+
+def prune(token: CancellationToken) -> None:
+    """Free every descendant of ``token`` and give it back the one reference ``token`` holds.
+
+    Only for the supervisor's token of a task whose process has been reaped: nothing but that
+    task's process tree could hold its descendants or another reference, and a dead process never
+    gives its references back (see ``procsup._arena``). A descendant still alive reads its nodes as
+    cancelled from now on, and its later releases are ignored.
+    """
+    arena = token._arena
+    arena.lock()
+    try:
+        if arena.words[token._word] >> 1 == token._live >> 1:
+            arena.prune(token._slot)
+    finally:
+        arena.unlock()
 
 
 class DropGuard:

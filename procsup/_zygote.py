@@ -54,13 +54,20 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["ForkProcess", "ZygoteProcess", "daemon_fds"]
+from procsup import _platform
+from procsup._contain import ExitInfo, exit_info
+from procsup._guardian import STATUS, Guardian, decode_status
+from procsup._token import borrow_args, borrowed
+
+if TYPE_CHECKING:
+    from procsup._token import CancellationToken
+
+__all__ = ["ForkProcess", "ZygoteProcess", "daemon_fds", "guard"]
 
 _INLINE = 64 * 1024  # larger payloads travel in a memfd, not in the datagram
 _MAX_FDS = 250  # SCM_RIGHTS limit per message is 253
-_EXIT = struct.Struct("i")
 _inherited: list[int] = []  # in a zygote child: the fds its pickle's DupFd indices point at
 
 
@@ -101,28 +108,36 @@ class _LeanProcess:
         self._target = target
         self._args = args
         self.name = name
+        self._fds: list[int] = []
         self.pid: int | None = None
         self.sentinel = -1
-        self._exitcode: int | None = None
+        self.info: ExitInfo | None = None  # set once reaped: exit code, core, peak RSS, CPU
 
     @property
     def exitcode(self) -> int | None:
-        return self._exitcode
+        return None if self.info is None else self.info.exitcode
 
     def join(self, timeout: float | None = None) -> None:
-        if self._exitcode is None and multiprocessing.connection.wait([self.sentinel], timeout):
-            self._exitcode = self._collect()
+        if self.info is None and multiprocessing.connection.wait([self.sentinel], timeout):
+            self.info = self._collect()
 
     def is_alive(self) -> bool:
-        return self._exitcode is None and not multiprocessing.connection.wait([self.sentinel], 0)
+        return self.info is None and not multiprocessing.connection.wait([self.sentinel], 0)
 
     def close(self) -> None:
         if self.sentinel >= 0:
             os.close(self.sentinel)
             self.sentinel = -1
 
-    def _collect(self) -> int:
+    def _collect(self) -> ExitInfo:
         raise NotImplementedError
+
+    # multiprocessing.reduction.DupFd calls these while we pickle (we are the "spawning popen").
+    def duplicate_for_child(self, fd: int) -> int:
+        self._fds.append(fd)
+        return len(self._fds) - 1
+
+    DupFd = _ChildFd
 
 
 class ForkProcess(_LeanProcess):
@@ -141,10 +156,10 @@ class ForkProcess(_LeanProcess):
         self.pid = pid
         self.sentinel = os.pidfd_open(pid)
 
-    def _collect(self) -> int:
+    def _collect(self) -> ExitInfo:
         assert self.pid is not None
-        _, status = os.waitpid(self.pid, 0)
-        return os.waitstatus_to_exitcode(status)
+        _, status, usage = os.wait4(self.pid, 0)
+        return exit_info(status, usage)
 
 
 class ZygoteProcess(_LeanProcess):
@@ -156,17 +171,13 @@ class ZygoteProcess(_LeanProcess):
         args: tuple[Any, ...],
         name: str = "",
         preload: Sequence[str] = (),
+        token: CancellationToken | None = None,
+        grace: float = 5.0,
     ) -> None:
         super().__init__(target, args, name)
         self._preload = tuple(preload)
-        self._fds: list[int] = []
-
-    # multiprocessing.reduction.DupFd calls these while we pickle (we are the "spawning popen").
-    def duplicate_for_child(self, fd: int) -> int:
-        self._fds.append(fd)
-        return len(self._fds) - 1
-
-    DupFd = _ChildFd
+        self._token = token  # the zygote cancels it if the supervisor dies, then kills after grace
+        self._grace = grace
 
     def start(self) -> None:
         buffer = io.BytesIO()
@@ -175,12 +186,15 @@ class ZygoteProcess(_LeanProcess):
             multiprocessing.reduction.ForkingPickler(buffer, pickle.HIGHEST_PROTOCOL).dump(
                 (self._target, self._args)
             )
+            ward = None
+            if self._token is not None:
+                ward = (self._grace, borrow_args(self._token, self))
         finally:
             multiprocessing.context.set_spawning_popen(None)
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         try:
             self.pid = _Zygote.get().spawn(
-                self._preload, buffer.getbuffer(), [write_end, *self._fds]
+                self._preload, buffer.getbuffer(), [write_end, *self._fds], ward
             )
         except BaseException:
             os.close(read_end)
@@ -190,12 +204,26 @@ class ZygoteProcess(_LeanProcess):
             self._fds.clear()
         self.sentinel = read_end
 
-    def _collect(self) -> int:
-        data = os.read(self.sentinel, _EXIT.size)
-        if len(data) < _EXIT.size:  # the zygote itself died: the task's status is lost
-            return -signal.SIGKILL
-        code: int = _EXIT.unpack(data)[0]
-        return code
+    def _collect(self) -> ExitInfo:
+        data = os.read(self.sentinel, STATUS.size)
+        if len(data) < STATUS.size:
+            # The zygote itself died, and the task with it (PR_SET_PDEATHSIG): the status is lost.
+            return ExitInfo(-signal.SIGKILL)
+        info: ExitInfo = decode_status(data)
+        return info
+
+
+def guard(pid: int, pidfd: int, token: CancellationToken, grace: float) -> None:
+    """Make the zygote the guardian of a fork/spawn task: if this process dies, it cancels
+    ``token``, waits ``grace`` seconds, then kills the task's tree; and if the task dies first, it
+    kills what is left of its process group after ``grace``."""
+    collector = _LeanProcess(guard, ())
+    multiprocessing.context.set_spawning_popen(collector)  # type: ignore[arg-type]
+    try:
+        args = borrow_args(token, collector)
+    finally:
+        multiprocessing.context.set_spawning_popen(None)
+    _Zygote.get().send(("guard", pid, grace, args), [pidfd, *collector._fds])
 
 
 class _Zygote:
@@ -228,7 +256,9 @@ class _Zygote:
                 zygote = cls._instance = cls()
             return zygote
 
-    def spawn(self, preload: Sequence[str], payload: memoryview, fds: list[int]) -> int:
+    def spawn(
+        self, preload: Sequence[str], payload: memoryview, fds: list[int], ward: Any = None
+    ) -> int:
         if len(fds) > _MAX_FDS:
             raise ValueError(f"a task can receive at most {_MAX_FDS - 2} file descriptors")
         memfd = -1
@@ -237,10 +267,10 @@ class _Zygote:
                 memfd = os.memfd_create("procsup-task", os.MFD_CLOEXEC)
                 with open(memfd, "wb", closefd=False) as f:
                     f.write(payload)
-                header: tuple[Any, ...] = ("spawn", list(preload), None)
+                header: tuple[Any, ...] = ("spawn", list(preload), None, ward)
                 fds = [fds[0], memfd, *fds[1:]]
             else:
-                header = ("spawn", list(preload), bytes(payload))
+                header = ("spawn", list(preload), bytes(payload), ward)
             reply = self._call(header, fds)
         finally:
             if memfd >= 0:
@@ -249,6 +279,13 @@ class _Zygote:
             raise RuntimeError(f"procsup zygote could not start the task: {reply[1]}")
         pid: int = reply[1]
         return pid
+
+    def send(self, message: tuple[Any, ...], fds: list[int]) -> None:
+        """Send a message that has no reply (the zygote handles messages in order)."""
+        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        with self._lock:
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+            self._sock.sendmsg([data], ancillary if fds else [])
 
     def _call(self, message: tuple[Any, ...], fds: list[int]) -> tuple[Any, ...]:
         data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
@@ -278,7 +315,12 @@ def daemon_fds() -> list[int]:
 
 def _after_fork_in_child() -> None:
     # A forked child must not talk over its parent's zygote socket; it starts its own if needed.
+    # Nor keep it open: the zygote must see EOF when the parent dies, whoever outlives it.
     _Zygote._instance_lock = threading.Lock()
+    zygote = _Zygote._instance
+    if zygote is not None:
+        with contextlib.suppress(OSError):
+            zygote._sock.close()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -288,9 +330,11 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def serve() -> None:
-    """Zygote main loop: fork a child per request, report each child's exit on its status pipe."""
+    """Zygote main loop: fork a child per request, report each child's exit on its status pipe,
+    and guard every task (``procsup._guardian``) until the supervisor's socket closes."""
     sock = socket.socket(fileno=int(sys.argv[1]))
-    status: dict[int, int] = {}  # pid -> write end of its status pipe, kept here only
+    _platform.set_child_subreaper()  # a dead task's descendants come to us, not to init
+    guardian = Guardian()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -299,16 +343,26 @@ def serve() -> None:
     selector.register(sock, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
     while True:
-        for key, _ in selector.select():
+        for key, _ in selector.select(guardian.timeout()):
             if key.fileobj is sock:
                 own = (sock.fileno(), wake_r, wake_w, selector.fileno())
-                if not _serve_request(sock, status, own):
+                pidfd = _serve_request(sock, guardian, own)
+                if pidfd is None:
+                    selector.unregister(sock)
+                    guardian.supervisor_gone(wake_r)
                     return
-            else:
+                if pidfd >= 0:
+                    selector.register(pidfd, selectors.EVENT_READ)
+            elif key.fileobj == wake_r:
                 with contextlib.suppress(BlockingIOError):
                     while os.read(wake_r, 4096):
                         pass
-        _reap(status)
+            else:
+                assert isinstance(key.fileobj, int)
+                selector.unregister(key.fileobj)
+                guardian.watched_exited(key.fileobj)
+        guardian.reap()
+        guardian.kill_due()
 
 
 def _unpickle_and_run(payload: bytes) -> None:
@@ -317,26 +371,33 @@ def _unpickle_and_run(payload: bytes) -> None:
     target(*args)
 
 
-def _reap(status: dict[int, int]) -> None:
-    while status:
-        try:
-            pid, code = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        fd = status.pop(pid, -1)
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                os.write(fd, _EXIT.pack(os.waitstatus_to_exitcode(code)))
-            os.close(fd)
+def _borrow(args: Any, fds: list[int]) -> tuple[Any, int]:
+    """Unpickle a borrowed token in the zygote. Returns it and the fd its arena came with, or -1
+    if the zygote adopted that fd as the arena's (then it is the zygote's to keep)."""
+    from procsup._arena import Arena
+
+    _inherited[:] = fds
+    try:
+        token = borrowed(*args)
+    finally:
+        _inherited.clear()
+    dup = fds[args[1].index]
+    adopted = any(arena.fd == dup for arena in Arena._registry.values())
+    return token, -1 if adopted else dup
 
 
-def _serve_request(sock: socket.socket, status: dict[int, int], own: tuple[int, ...]) -> bool:
+def _kept_fds() -> set[int]:
+    from procsup._arena import Arena
+
+    return {arena.fd for arena in Arena._registry.values()}
+
+
+def _serve_request(sock: socket.socket, guardian: Guardian, own: tuple[int, ...]) -> int | None:
+    """Handle one message: None at EOF, a pidfd to watch, or -1."""
     fds: list[int] = []
     data, ancdata, _, _ = sock.recvmsg(1 << 17, socket.CMSG_SPACE(_MAX_FDS * 4))
     if not data:
-        return False
+        return None
     for level, kind, blob in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds += struct.unpack(f"{len(blob) // 4}i", blob[: len(blob) - len(blob) % 4])
@@ -344,8 +405,15 @@ def _serve_request(sock: socket.socket, status: dict[int, int], own: tuple[int, 
     if message[0] == "path":
         sys.path[:] = message[1]
         sock.send(pickle.dumps(("ok",)))
-        return True
-    _, preload, payload = message
+        return -1
+    if message[0] == "guard":
+        _, pid, grace, args = message
+        token, spare = _borrow(args, fds[1:])
+        if spare >= 0:
+            os.close(spare)
+        guardian.watch(pid, fds[0], token, grace)
+        return fds[0]
+    _, preload, payload, ward = message
     for name in preload:
         if name not in sys.modules:
             with contextlib.suppress(Exception):
@@ -356,17 +424,27 @@ def _serve_request(sock: socket.socket, status: dict[int, int], own: tuple[int, 
             f.seek(0)  # the offset is shared with the writer's open file description
             payload = f.read()
         rest = rest[1:]
+    token, grace, spare = None, 5.0, -1
+    if ward is not None:
+        grace, args = ward
+        token, spare = _borrow(args, rest)
+    zygote = os.getpid()
     try:
         pid = os.fork()
     except OSError as exc:
-        for fd in fds:
+        for fd in (status_w, *rest):
             os.close(fd)
         sock.send(pickle.dumps(("error", str(exc))))
-        return True
+        return -1
     if pid == 0:  # pragma: no cover - runs in the task process
         code = 1
         try:
-            for fd in (*own, status_w, *status.values()):
+            # Die with the zygote: it is the guardian, and the status pipe would lie otherwise.
+            _platform.set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() != zygote:
+                os._exit(code)
+            # ``spare``: the arena arrived again, but this process maps it already (from us).
+            for fd in (*own, status_w, *guardian.fds(), *([spare] if spare >= 0 else [])):
                 os.close(fd)
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -375,7 +453,8 @@ def _serve_request(sock: socket.socket, status: dict[int, int], own: tuple[int, 
         finally:
             os._exit(code)
     for fd in rest:
-        os.close(fd)
-    status[pid] = status_w
+        if fd not in _kept_fds():
+            os.close(fd)
+    guardian.add_child(pid, status_w, token, grace)
     sock.send(pickle.dumps(("pid", pid)))
-    return True
+    return -1

@@ -1,0 +1,140 @@
+"""The crash record: what a ``TaskCrashedError`` says about a task that died without reporting.
+
+::
+
+    wait4() (monitor, or the zygote ─ status pipe) ─▶ ExitInfo: code, core dumped, peak RSS, CPU
+    StderrTap (procsup._stdio)                      ─▶ stderr tail, faulthandler dump
+    TaskRecord.started ... reaped                   ─▶ wall time
+                     │
+                     ▼
+    describe(): the message, most useful first
+        "killed by SIGKILL (signal 9) at 1.9 GiB peak RSS: likely the out-of-memory killer"
+        "killed by SIGSEGV (signal 11) in parse() at mylib/reader.py:42: invalid memory access..."
+    annotate(): the attributes of the error, and notes (shown under its traceback) with the
+        numbers and the stderr tail
+
+Things that don't work
+----------------------
+- Reading the kernel log for the OOM killer's verdict: ``/dev/kmsg`` needs privileges and a
+  container rarely has it. The peak RSS against the memory available (the cgroup's limit, else
+  the machine's) is the evidence we have, and the message says "likely".
+- Putting the tail in the message: the message is also the parent token's cause (1 KiB at most)
+  and a log line; the tail goes into the error's notes and ``stderr_tail``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import TYPE_CHECKING
+
+from procsup import _platform
+
+if TYPE_CHECKING:
+    from procsup._contain import ExitInfo
+    from procsup._errors import TaskCrashedError
+    from procsup._stdio import StderrTap
+
+__all__ = ["annotate", "describe", "human_size"]
+
+_OOM_SHARE = 0.5  # a SIGKILL at this share of the memory available is "likely" the OOM killer
+_FRAME = re.compile(r'^\s+File "(?P<path>.+)", line (?P<line>\d+) in (?P<func>.+)$')
+
+
+def human_size(size: int) -> str:
+    """``size`` bytes for people: "1.9 GiB"."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def _memory_available() -> int | None:
+    """The cgroup v2 memory limit of this process, else the machine's memory, in bytes."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next(line.split(":", 2)[2].strip() for line in f if line.startswith("0::"))
+        with open(f"/sys/fs/cgroup{path}/memory.max") as f:
+            text = f.read().strip()
+        if text != "max":
+            return int(text)
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return None
+
+
+def crash_site(dump: str | None) -> str | None:
+    """Where the crashing thread was, from a faulthandler dump: "parse() at mylib/reader.py:42".
+
+    The innermost frame outside the standard library, or the innermost frame.
+    """
+    if not dump:
+        return None
+    lines = dump.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("Current thread")), -1)
+    frames = []
+    for line in lines[start + 1 :]:
+        match = _FRAME.match(line)
+        if match is None:
+            break
+        frames.append(match)
+    if not frames:
+        return None
+    stdlib = (os.path.dirname(os.__file__), "<frozen ")
+    match = next((m for m in frames if not m["path"].startswith(stdlib)), frames[0])
+    path = match["path"]
+    if path.startswith(os.getcwd() + os.sep):
+        path = os.path.relpath(path)
+    return f"{match['func']}() at {path}:{match['line']}"
+
+
+def describe(
+    exitcode: int | None, info: ExitInfo | None, tap: StderrTap | None, stopped: bool = False
+) -> tuple[str, str | None]:
+    """``(text, signal)`` for "Critical task 'x' crashed: <text>", most useful first."""
+    text, sig = _platform.describe_exit(255 if exitcode is None else exitcode)
+    if sig is None:
+        return text, sig
+    head, _, cause = text.partition(": ")  # "killed by SIGKILL (signal 9)", its likely cause
+    if info is not None and info.core_dumped:
+        head = head[:-1] + ", core dumped)"
+    if sig == "SIGKILL" and info is not None and info.peak_rss:
+        head += f" at {human_size(info.peak_rss)} peak RSS"
+        available = _memory_available()
+        if not stopped and available and info.peak_rss >= _OOM_SHARE * available:
+            cause = "likely the out-of-memory killer"
+    site = crash_site(tap.faulthandler_dump() if tap is not None else None)
+    if site is not None:
+        head += f" in {site}"
+    return f"{head}: {cause}", sig
+
+
+def annotate(
+    error: TaskCrashedError, info: ExitInfo | None, started: float, tap: StderrTap | None
+) -> None:
+    """Fill in the crash record of ``error`` and add notes with the numbers and the stderr tail."""
+    error.wall_time = time.monotonic() - started
+    if info is not None:
+        error.core_dumped = info.core_dumped
+        error.peak_rss = info.peak_rss
+        error.cpu_time = info.cpu_time
+    if tap is not None:
+        error.stderr_tail = tap.tail()
+        error.faulthandler_dump = tap.faulthandler_dump()
+    facts = [f"pid {error.pid}", f"exit code {error.exitcode}"]
+    if error.signal is not None:
+        facts.append(f"signal {error.signal}" + (" (core dumped)" if error.core_dumped else ""))
+    if error.peak_rss is not None:
+        facts.append(f"peak RSS {human_size(error.peak_rss)}")
+    facts.append(f"wall {error.wall_time:.2f} s")
+    if error.cpu_time is not None:
+        facts.append(f"CPU {error.cpu_time:.2f} s")
+    error.add_note("crash record: " + ", ".join(facts))
+    if error.stderr_tail:
+        error.add_note("last lines of the task's stderr:\n" + error.stderr_tail)

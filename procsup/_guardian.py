@@ -1,0 +1,235 @@
+"""The zygote as guardian: nothing a task leaves behind, and no task, outlives its supervisor.
+
+::
+
+    supervisor process                     zygote (PR_SET_CHILD_SUBREAPER, single-threaded)
+    ──────────────────                     ───────────────────────────────────────────────
+    spawn(payload, token*, grace) ───────▶ fork ─▶ task (PR_SET_PDEATHSIG=SIGKILL: dies with us)
+    guard(pidfd, token*, grace) ─────────▶ a fork/spawn task: watch its pidfd
+    status pipe ◀── raw status + rusage ─── SIGCHLD ▶ wait4 ▶ Ward.exited()
+                                           a dead task's descendants reparent here: every child
+                                             that is not a task is an orphan, SIGKILLed (tree and
+                                             all) once its task's grace period has passed
+                                           a dead fork/spawn task: its process group's members,
+                                             killed the same way (they reparented to init)
+    ✝ (SIGKILL, exit, crash) ── EOF ─────▶ cancel every ward's token ("supervisor died"),
+                                           wait up to the grace period for them to exit,
+                                           kill_tree() what is left, reap, exit
+
+    token*: borrowed (``procsup._token.borrow_args``): the guardian holds no reference, so a
+            token freed meanwhile reads as cancelled and nothing is released twice.
+
+Things that don't work
+----------------------
+- ``PR_SET_PDEATHSIG`` in every task instead: the signal follows the *thread* that forked the
+  task, so under fork/spawn any short-lived thread of the user that starts a task would kill it on
+  exit; and a signal gives no grace period, where a token cancellation does.
+- A watchdog thread in every task (polling ``getppid()``): a thread per task, and a poll.
+- Letting init adopt a dead task's orphans: nobody would ever kill them. The zygote is a
+  subreaper, so they come to it; a fork/spawn task's orphans do not (see ``procsup._contain``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import os
+import signal
+import struct
+import time
+from typing import Any
+
+import psutil
+
+from procsup._contain import exit_info, kill_tree
+
+__all__ = ["STATUS", "Guardian", "decode_status"]
+
+# Raw wait status, peak RSS (bytes), CPU seconds: what a zygote task's status pipe carries.
+STATUS = struct.Struct("iqd")
+_REAP_AFTER_KILL = 5.0  # seconds the guardian waits for SIGKILLed processes before it exits
+
+
+def decode_status(data: bytes) -> Any:
+    """The ``ExitInfo`` a status pipe carried."""
+    status, rss, cpu = STATUS.unpack(data)
+    info = exit_info(status, None)
+    return type(info)(info.exitcode, info.core_dumped, rss if rss >= 0 else None, cpu)
+
+
+class _Ward:
+    """One task the guardian answers for. ``token`` is borrowed; ``fd`` is the status pipe's write
+    end (zygote tasks) or a pidfd (fork/spawn tasks)."""
+
+    __slots__ = ("fd", "grace", "pid", "token")
+
+    def __init__(self, pid: int, fd: int, token: Any, grace: float) -> None:
+        self.pid = pid
+        self.fd = fd
+        self.token = token
+        self.grace = grace
+
+
+class Guardian:
+    """Zygote-side state: the wards (tasks), and orphans waiting for their grace period to end.
+
+    Invariants: ``children`` maps each live zygote task's pid to its ward, ``watched`` each watched
+    fork/spawn task's pidfd to its ward; ``doomed`` is a heap of ``(deadline, pid, process)``, each
+    an orphan (or group member of a dead fork/spawn task) to kill at ``deadline`` if still running;
+    ``known`` maps the pids in ``doomed`` to their deadline.
+    """
+
+    def __init__(self) -> None:
+        self.children: dict[int, _Ward] = {}
+        self.watched: dict[int, _Ward] = {}
+        self.doomed: list[tuple[float, int, psutil.Process]] = []
+        self.known: dict[int, float] = {}
+        self.supervisor = os.getppid()
+
+    def fds(self) -> list[int]:
+        """Every fd the guardian holds (a forked task closes them)."""
+        return [w.fd for w in self.children.values()] + list(self.watched)
+
+    def add_child(self, pid: int, status_w: int, token: Any, grace: float) -> None:
+        self.children[pid] = _Ward(pid, status_w, token, grace)
+
+    def watch(self, pid: int, pidfd: int, token: Any, grace: float) -> None:
+        self.watched[pidfd] = _Ward(pid, pidfd, token, grace)
+
+    def timeout(self) -> float | None:
+        """Seconds until the next orphan's deadline, or None."""
+        return max(0.0, self.doomed[0][0] - time.monotonic()) if self.doomed else None
+
+    def reap(self) -> None:
+        """Reap every exited child: report tasks on their status pipe, doom new orphans."""
+        deadlines = []
+        now = time.monotonic()
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            ward = self.children.pop(pid, None)
+            if ward is None:
+                # A doomed orphan exited: its own orphans come to us, on the same deadline.
+                deadline = self.known.pop(pid, None)
+                if deadline is not None:
+                    deadlines.append(deadline)
+                continue
+            deadlines.append(now + ward.grace)
+            info = exit_info(status, usage)
+            rss = -1 if info.peak_rss is None else info.peak_rss
+            with contextlib.suppress(OSError):  # EPIPE: the supervisor is gone
+                os.write(ward.fd, STATUS.pack(status, rss, info.cpu_time or 0.0))
+            os.close(ward.fd)
+        if deadlines:
+            self._doom(self._orphans(), max(deadlines))
+
+    def watched_exited(self, pidfd: int) -> None:
+        """A fork/spawn task exited: doom what is left of its process group."""
+        ward = self.watched.pop(pidfd)
+        os.close(pidfd)
+        try:
+            os.killpg(ward.pid, 0)
+        except OSError:
+            return  # an empty group (the usual case): no scan of /proc needed
+        members = []
+        for proc in psutil.process_iter():
+            with contextlib.suppress(OSError, psutil.Error):
+                if proc.pid != ward.pid and os.getpgid(proc.pid) == ward.pid:
+                    members.append(proc)
+        self._doom(members, time.monotonic() + ward.grace)
+
+    def kill_due(self) -> None:
+        """SIGKILL (tree and all) every doomed process whose deadline has passed."""
+        now = time.monotonic()
+        while self.doomed and self.doomed[0][0] <= now:
+            _, pid, proc = heapq.heappop(self.doomed)
+            self.known.pop(pid, None)
+            with contextlib.suppress(psutil.Error):
+                if proc.is_running():
+                    kill_tree(pid)
+
+    def _orphans(self) -> list[psutil.Process]:
+        me = os.getpid()
+        try:
+            with open(f"/proc/{me}/task/{me}/children") as f:
+                pids = [int(p) for p in f.read().split()]
+        except OSError:  # no CONFIG_PROC_CHILDREN: the slower scan
+            pids = [p.pid for p in psutil.Process().children()]
+        orphans = []
+        for pid in pids:
+            if pid not in self.children and pid not in self.known:
+                with contextlib.suppress(psutil.Error):
+                    orphans.append(psutil.Process(pid))
+        return orphans
+
+    def _doom(self, procs: list[psutil.Process], deadline: float) -> None:
+        for proc in procs:
+            if proc.pid not in self.known:
+                self.known[proc.pid] = deadline
+                heapq.heappush(self.doomed, (deadline, proc.pid, proc))
+
+    def supervisor_gone(self, wait_fd: int) -> None:
+        """The supervisor's socket hit EOF: cancel every ward, grace, kill, reap. Then return.
+
+        ``wait_fd`` becomes readable on SIGCHLD (the zygote's wake-up pipe).
+        """
+        wards = [*self.children.values(), *self.watched.values()]
+        if not wards and not self.doomed:
+            return
+        grace = max((w.grace for w in wards), default=0.0)
+        reason = (
+            f"procsup: the supervisor process (pid {self.supervisor}) died; "
+            f"the task is killed after its {grace:g} s grace period"
+        )
+        for ward in wards:
+            with contextlib.suppress(Exception):  # a corrupt arena must not save the task
+                ward.token.cancel(reason)
+        deadline = time.monotonic() + grace
+        self._wait(wait_fd, deadline)
+        for ward in [*self.children.values(), *self.watched.values()]:
+            self._kill_ward(ward)
+        for _, pid, proc in self.doomed:
+            with contextlib.suppress(psutil.Error):
+                if proc.is_running():
+                    kill_tree(pid)
+        self.doomed.clear()
+        self._wait(wait_fd, time.monotonic() + _REAP_AFTER_KILL)
+
+    def _kill_ward(self, ward: _Ward) -> None:
+        if ward.pid in self.children:
+            kill_tree(ward.pid)
+            return
+        # Not our child: its pid is only ours to signal while its pidfd says it has not exited.
+        if not _exited(ward.fd):
+            kill_tree(ward.pid)
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(ward.fd, signal.SIGKILL)
+
+    def _wait(self, wait_fd: int, deadline: float) -> None:
+        """Reap (and watch pidfds) until every ward has exited or ``deadline`` passes."""
+        import select
+
+        while self.children or self.watched:
+            self.reap()
+            for fd in [fd for fd in self.watched if _exited(fd)]:
+                ward = self.watched.pop(fd)
+                os.close(ward.fd)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not (self.children or self.watched):
+                break
+            ready, _, _ = select.select([wait_fd, *self.watched], [], [], remaining)
+            if wait_fd in ready:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(wait_fd, 4096):
+                        pass
+        self.reap()
+
+
+def _exited(pidfd: int) -> bool:
+    import select
+
+    return bool(select.select([pidfd], [], [], 0)[0])

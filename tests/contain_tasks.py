@@ -1,0 +1,104 @@
+"""Task functions for the containment tests: process trees, stderr, crashes (importable, so they
+pickle under spawn and forkserver). Every wait has a deadline."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from multiprocessing.connection import Connection
+
+from procsup import CancellationToken
+
+DEADLINE = 30.0
+
+
+def _no_core() -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _sleeper(new_session: bool) -> list[int]:
+    """Fork a child that sleeps until killed; in a new session (``setsid()``) with a child of its
+    own if asked. Return their pids, once they exist."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            if new_session:
+                os.setsid()
+                grandchild = os.fork()
+                if grandchild == 0:
+                    os.close(write_end)
+                    time.sleep(DEADLINE)
+                    os._exit(0)
+                os.write(write_end, f"{grandchild}".encode())
+            os.close(write_end)
+            time.sleep(DEADLINE)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        rest = f.read()  # EOF once the child has written (or closed) its end
+    return [pid, *([int(rest)] if rest else [])]
+
+
+def make_tree(token: CancellationToken, report: Connection, then: str) -> None:
+    """Start a Popen grandchild, a forked one, and one that left for its own session (with a
+    child); report their pids (in that order); then ``then``: "segfault", "return" or "hang"
+    (ignoring cancellation and SIGTERM)."""
+    _no_core()
+    popen = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({DEADLINE})"])
+    pids = [popen.pid, *_sleeper(new_session=False), *_sleeper(new_session=True)]
+    if then == "hang":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # before the handshake: stop() may follow
+    report.send(pids)
+    if then == "segfault":
+        ctypes.string_at(0)
+    if then == "return":
+        return
+    time.sleep(DEADLINE)
+
+
+def loud_segfault(token: CancellationToken, lines: int) -> None:
+    """Write ``lines`` numbered lines to stderr, then crash with faulthandler on (the default)."""
+    _no_core()
+    for i in range(lines):
+        print(f"stderr line {i}", file=sys.stderr)
+    ctypes.string_at(0)
+
+
+def loud_exit(token: CancellationToken, lines: int, width: int) -> None:
+    """Write ``lines`` lines of ``width`` characters straight to fd 2, then ``os._exit(3)``."""
+    for i in range(lines):
+        os.write(2, f"{i:05d} {'x' * width}\n".encode())
+    os._exit(3)
+
+
+def sigkill_self(token: CancellationToken) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def report_cancel_then_hang(token: CancellationToken, report: Connection, honour: bool) -> None:
+    """Report our pid and a setsid() grandchild's; when cancelled, report the cause; then return
+    (``honour``) or hang ignoring SIGTERM."""
+    descendants = _sleeper(new_session=True)
+    if not honour:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # before the handshake
+    report.send(("ready", os.getpid(), descendants, honour))
+    if token.wait(DEADLINE):
+        report.send(("cancelled", token.cause))
+    if honour:
+        return
+    time.sleep(DEADLINE)
+
+
+def child_tokens_then_crash(token: CancellationToken, count: int) -> None:
+    """Create ``count`` child tokens (held by this process), then die without releasing them."""
+    kept = [token.child_token() for _ in range(count)]
+    kept.append(kept[0].child_token())
+    os.kill(os.getpid(), signal.SIGKILL)
