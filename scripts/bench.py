@@ -5,6 +5,7 @@ The machine is shared and noisy, so absolute numbers mean little; the ratios are
     python scripts/bench.py                # everything
     python scripts/bench.py tokens         # one section
     python scripts/bench.py --quick        # fewer runs, for a smoke test
+    python scripts/bench.py hygiene        # supervisor RSS over 10,000 tasks (slope in bytes/task)
 """
 
 from __future__ import annotations
@@ -425,10 +426,52 @@ def daemon_section(quick: bool) -> list[Row]:
     return rows
 
 
+# --- hygiene: the supervisor's RSS stays flat over many tasks --------------------------------
+
+
+def _rss_slope(samples: list[tuple[int, int]]) -> float:
+    """Least-squares slope of RSS (bytes) against tasks run: bytes per task."""
+    mean_x = statistics.fmean(x for x, _ in samples)
+    mean_y = statistics.fmean(y for _, y in samples)
+    num = sum((x - mean_x) * (y - mean_y) for x, y in samples)
+    den = sum((x - mean_x) ** 2 for x, _ in samples)
+    return num / den if den else 0.0
+
+
+def bench_rss_flat(count: int, warm_up: int) -> list[Row]:
+    """Run ``count`` tasks (9 in 10 return, 1 in 10 crashes) and sample this process's RSS."""
+    me = psutil.Process()
+    samples: list[tuple[int, int]] = []
+    step = max(1, count // 40)
+    with Supervisor() as sup:
+        for i in range(warm_up + count):
+            fn = bench_tasks.die if i % 10 == 9 else bench_tasks.trivial
+            handle = sup.spawn(fn, "rss", parent_token=CancellationToken())
+            try:
+                handle.join(30)
+            except Exception:  # the crashes are on purpose
+                pass
+            del handle
+            if i >= warm_up and (i - warm_up) % step == 0:
+                gc.collect()
+                samples.append((i - warm_up, me.memory_info().rss))
+    slope = _rss_slope(samples)
+    first, last = samples[0][1], samples[-1][1]
+    return [
+        Row(f"supervisor RSS slope over {count:,} tasks (bytes/task)", slope, "B", target=64.0),
+        Row(f"supervisor RSS after {count:,} tasks (was {first / 2**20:.1f})", last / 2**20, "MiB"),
+    ]
+
+
+def hygiene_section(quick: bool) -> list[Row]:
+    return bench_rss_flat(1_000 if quick else 10_000, 100 if quick else 500)
+
+
 SECTIONS: dict[str, Callable[[bool], list[Row]]] = {
     "tokens": tokens_section,
     "tasks": tasks_section,
     "daemon": daemon_section,
+    "hygiene": hygiene_section,
 }
 
 
