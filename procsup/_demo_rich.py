@@ -31,8 +31,11 @@ _STYLE = {
     "panicked": "bold red",
     "stopped": "red",
     "lost": "bold red",
+    "restarted": "yellow",
+    "escalated": "bold red",
     "exit": "bold",
 }
+_TITLES = {"crashed": "crash record", "escalated": "escalation"}
 _TITLE = "procsup: critical tasks (live)"
 _STATE_STYLE = {
     "running": "green",
@@ -42,6 +45,8 @@ _STATE_STYLE = {
     "failed": "bold red",
     "panicked": "bold red",
     "stopped": "red",
+    "restarting": "yellow",
+    "escalated": "bold red",
 }
 
 
@@ -73,7 +78,9 @@ class RichView(View):
             grid.add_column()
             for key, value in record.items():
                 grid.add_row(key, escape(str(value).rstrip()))
-            title = "crash record" if kind == "crashed" else f"{kind} record"
+            title = {"crashed": "crash record", "escalated": "escalation"}.get(
+                kind, f"{kind} record"
+            )
             self._console.print(Panel(grid, title=title, border_style=style or "red"))
 
     def status(self, rows: list[Row]) -> None:
@@ -91,6 +98,7 @@ class RichView(View):
             ("task", "left"),
             ("pid", "right"),
             ("state", "left"),
+            ("restarts", "right"),
             ("uptime", "right"),
             ("RSS", "right"),
             ("peak RSS", "right"),
@@ -106,6 +114,7 @@ class RichView(View):
                 row.description,
                 str(row.pid),
                 state,
+                str(row.restarts),
                 f"{row.uptime(now):.1f}s",
                 mib(row.rss),
                 mib(row.peak_rss),
@@ -114,7 +123,8 @@ class RichView(View):
             table.add_row(*cells, *([escape(row.detail)] if final else []))
             if not final:
                 for pid, name, rss in row.subtasks:
-                    table.add_row(f"  └ {name}", str(pid), "", "", mib(rss), "", "", style="dim")
+                    sub = [f"  └ {name}", str(pid), "", "", "", mib(rss), "", ""]
+                    table.add_row(*sub, style="dim")
         return table
 
     def summary(self, rows: list[Row]) -> None:

@@ -13,20 +13,26 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import resource
 import tempfile
 import time
+from typing import Protocol
 
 from procsup._supervisor import Supervisor
 from procsup._token import CancellationToken
 
 __all__ = [
     "PROCESS_PREFIX",
+    "Counter",
     "async_heartbeat",
+    "cache_builder",
     "config_loader",
     "coordinator",
     "cpu_worker",
+    "flaky_fetcher",
     "io_worker",
     "native_parser",
+    "plugin_host",
     "shard_reader",
     "stress_task",
 ]
@@ -123,6 +129,63 @@ def native_parser(token: CancellationToken, crash_after: float) -> str:
         return f"stopped before the bad record ({len(buffers)} buffers released)"
     ctypes.string_at(0)  # reads address 0: a real segfault in C, not a Python exception
     return "unreachable"
+
+
+def cache_builder(token: CancellationToken, chunk: int, every: float) -> str:
+    """Cache ``chunk`` bytes every ``every`` seconds, never evicting: a leak, until cancelled.
+
+    Run with a ``memory_limit``, an allocation fails once the limit is reached: the MemoryError
+    says how big the cache got (procsup adds which limit it hit). The cache is dropped first, so
+    reporting the failure has memory to work with.
+    """
+    _name_process(PROCESS_PREFIX + "cache")
+    cache: list[bytes] = []
+    try:
+        while not token.wait(every):
+            cache.append(bytes([len(cache) % 251]) * chunk)  # written pages: real RSS
+    except MemoryError:
+        size = len(cache) * chunk
+        cache.clear()
+        raise MemoryError(f"the cache could not grow past {size / 2**20:.0f} MiB") from None
+    return f"dropped its {len(cache) * chunk / 2**20:.0f} MiB cache"
+
+
+class Counter(Protocol):
+    """A shared integer (``multiprocessing`` ``RawValue("i")``): it outlives a task's runs."""
+
+    value: int
+
+
+def flaky_fetcher(token: CancellationToken, attempts: Counter, refused: int, after: float) -> str:
+    """Connect to an upstream that refuses the first ``refused`` attempts, then fetch: a flaky task.
+
+    Each run is one attempt (counted in ``attempts``, shared with the demo); a refused attempt
+    raises ConnectionRefusedError ``after`` seconds in, which a ``transient`` policy restarts.
+    """
+    _name_process(PROCESS_PREFIX + "fetch")
+    attempts.value += 1  # runs of one task never overlap: no lock needed
+    attempt = attempts.value
+    if token.wait(after):
+        return f"stopped while connecting (attempt {attempt})"
+    if attempt <= refused:
+        raise ConnectionRefusedError(
+            f"upstream 127.0.0.1:5432 refused attempt {attempt}: the database is still starting"
+        )
+    fetches = 0
+    while not token.wait(0.05):
+        fetches += 1
+    time.sleep(_CLEANUP_PAUSE)
+    return f"connected on attempt {attempt}; {fetches} fetches, then disconnected cleanly"
+
+
+def plugin_host(token: CancellationToken, crash_after: float) -> str:
+    """Load a broken plugin whose native init aborts ``crash_after`` seconds in, on every run."""
+    _name_process(PROCESS_PREFIX + "plugin")
+    if token.wait(crash_after):
+        return "stopped before loading the plugin"
+    # No core file per run of a crash loop (the demo's disk is not the point).
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    os.abort()  # SIGABRT, as a failed C assert() would raise: no Python exception to catch
 
 
 def _parse_line(line: str, number: int) -> tuple[str, int]:

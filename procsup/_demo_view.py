@@ -1,10 +1,11 @@
-"""What the demo shows: task rows sampled with psutil, and three ways to print events.
+"""What the demo shows: task rows sampled from ``Supervisor.tasks()``, and three event printers.
 
 ::
 
     demo runner (event loop thread)
-      ├─ Sampler.sample(rows) every 0.25 s ── psutil: RSS, peak RSS (VmHWM), CPU%, CPU time,
-      │                                       descendants (a nested task's sub-task)
+      ├─ Sampler.sample(rows, sup.tasks()) every 0.25 s ── state, pid (across restarts), restarts,
+      │      RSS, CPU% from the snapshots; psutil adds what they lack: CPU time, peak RSS (VmHWM),
+      │      descendants (a nested task's sub-task)
       ├─ view.status(rows) ──▶ RichView: a rich Live table redrawn in place (TTY, rich installed)
       │                        PlainView: timestamped lines, one block per second
       │                        JsonView: a "status" object per second
@@ -15,8 +16,10 @@ terminal; without it the plain view is used. The library never imports this modu
 
 Things that don't work
 ----------------------
-- ``psutil.Process.memory_info().rss`` as the peak: sampled RSS misses a spike between samples;
+- RSS as the peak (``TaskSnapshot.rss`` or psutil's): a sampled RSS misses a spike between samples;
   the kernel's high-water mark (``VmHWM`` in ``/proc/<pid>/status``) does not.
+- ``Supervisor.tasks()`` alone: a task whose outcome is published leaves it, so a row keeps its
+  last sample; and it has no CPU time, peak RSS or descendants.
 - Printing from the tasks: they share the terminal, and under ``--json`` any stray line corrupts
   the stream; tasks report through their return value instead.
 """
@@ -28,9 +31,12 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import psutil
+
+if TYPE_CHECKING:
+    from procsup._status import TaskSnapshot
 
 __all__ = ["JsonView", "PlainView", "Row", "Sampler", "View", "make_view"]
 
@@ -39,7 +45,12 @@ _STATUS_EVERY = 1.0  # seconds between status blocks in the line-oriented views
 
 @dataclass
 class Row:
-    """One task as the demo shows it. Invariant: ``ended`` is None while the process may live."""
+    """One task as the demo shows it, across its runs.
+
+    Invariants: ``ended`` is None until the final outcome (a process may live); ``pid`` is the
+    current or last run's; ``peak_rss`` is the highest of any run; ``cpu_time`` counts every run,
+    ``cpu_before`` the runs before the current one.
+    """
 
     description: str
     pid: int
@@ -47,10 +58,12 @@ class Row:
     state: str = "running"
     ended: float | None = None
     exitcode: int | None = None
+    restarts: int = 0
     rss: int = 0
     peak_rss: int = 0
     cpu_percent: float = 0.0
     cpu_time: float = 0.0
+    cpu_before: float = 0.0
     detail: str = ""
     subtasks: list[tuple[int, str, int]] = field(default_factory=list)  # (pid, name, rss)
 
@@ -64,6 +77,7 @@ class Row:
             "task": self.description,
             "pid": self.pid,
             "state": self.state,
+            "restarts": self.restarts,
             "uptime": round(self.uptime(now), 3),
             "rss": self.rss,
             "peak_rss": self.peak_rss,
@@ -91,7 +105,7 @@ def _peak_rss(pid: int) -> int:
 
 
 class Sampler:
-    """Samples live rows with psutil; a vanished process keeps its last sample.
+    """Samples live rows from ``Supervisor.tasks()`` and psutil; an ended row keeps its last sample.
 
     Descendants are shown when their process name starts with ``prefix``: the demo's tasks name
     themselves, and a forkserver's children share its command line, so that cannot tell a nested
@@ -102,29 +116,39 @@ class Sampler:
         self._prefix = prefix
         self._procs: dict[int, psutil.Process] = {}
 
-    def sample(self, rows: list[Row]) -> None:
-        """Refresh RSS, peak RSS, CPU and descendants of every row that has not ended."""
+    def sample(self, rows: list[Row], snapshots: list[TaskSnapshot]) -> None:
+        """Refresh every row that has not ended from its snapshot (matched by description)."""
+        live = {snap.description: snap for snap in snapshots}
         for row in rows:
-            if row.ended is not None:
+            snap = live.get(row.description)
+            if row.ended is not None or snap is None:  # ended, or its outcome is being published
                 continue
-            proc = self._procs.get(row.pid)
-            try:
-                if proc is None:
-                    proc = self._procs[row.pid] = psutil.Process(row.pid)
-                with proc.oneshot():
-                    # An exited, not yet reaped process reads as 0 bytes: keep the last figure.
-                    row.rss = proc.memory_info().rss or row.rss
-                    row.cpu_percent = proc.cpu_percent(None)
-                    times = proc.cpu_times()
-                    row.cpu_time = times.user + times.system
-                row.peak_rss = max(row.peak_rss, _peak_rss(row.pid), row.rss)
-                row.subtasks = [
-                    (child.pid, name, child.memory_info().rss)
-                    for child in proc.children(recursive=True)
-                    if (name := child.name()).startswith(self._prefix)
-                ]
-            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-                row.subtasks = []
+            row.state, row.restarts = snap.state, snap.restarts
+            if snap.pid is None:  # waiting out its backoff
+                row.rss, row.cpu_percent, row.subtasks = 0, 0.0, []
+                continue
+            row.pid = snap.pid
+            # An exited, not yet reaped process reads as 0 bytes or None: keep the last figure.
+            row.rss = snap.rss or row.rss
+            row.cpu_percent = row.cpu_percent if snap.cpu_percent is None else snap.cpu_percent
+            self._psutil(row)
+
+    def _psutil(self, row: Row) -> None:
+        proc = self._procs.get(row.pid)
+        try:
+            if proc is None:
+                proc = self._procs[row.pid] = psutil.Process(row.pid)
+            with proc.oneshot():
+                times = proc.cpu_times()
+                row.cpu_time = row.cpu_before + times.user + times.system
+            row.peak_rss = max(row.peak_rss, _peak_rss(row.pid), row.rss)
+            row.subtasks = [
+                (child.pid, name, child.memory_info().rss)
+                for child in proc.children(recursive=True)
+                if (name := child.name()).startswith(self._prefix)
+            ]
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            row.subtasks = []
 
 
 class View:
@@ -197,14 +221,15 @@ def table_lines(rows: list[Row], now: float, final: bool = False) -> list[str]:
     width = max([len(row.description) for row in rows] + [4])
     cpu_head, last = ("cpu time", "result") if final else ("cpu", "sub-tasks")
     lines = [
-        f"{'task':<{width}}  {'pid':>7}  {'state':<10} {'uptime':>7} {'rss':>10}"
+        f"{'task':<{width}}  {'pid':>7}  {'state':<10} {'restarts':>8} {'uptime':>7} {'rss':>10}"
         f" {'peak rss':>10} {cpu_head:>8}  {last}"
     ]
     for row in rows:
         cpu = f"{row.cpu_time:.2f}s" if final else f"{row.cpu_percent:.0f}%"
         extra = row.detail if final else ", ".join(f"{n} pid {p}" for p, n, _ in row.subtasks)
         lines.append(
-            f"{row.description:<{width}}  {row.pid:>7}  {row.state:<10} {row.uptime(now):>6.1f}s"
+            f"{row.description:<{width}}  {row.pid:>7}  {row.state:<10} {row.restarts:>8}"
+            f" {row.uptime(now):>6.1f}s"
             f" {mib(row.rss):>10} {mib(row.peak_rss):>10} {cpu:>8}  {extra}"
         )
     return lines

@@ -1,8 +1,9 @@
 """The demo (``python -m procsup``): every scenario end to end, in a real subprocess.
 
-Each run reads the ``--json`` event stream and checks the story in order. Handshakes (Ctrl-C after
-the tasks have started) wait on that stream, never on a sleep; every read has a deadline. Two runs
-use a pseudo-terminal: the rich live view with Ctrl-C, and the plain fallback without rich.
+Each run reads the ``--json`` event stream and checks the story in order, restarts and escalations
+included. Handshakes (Ctrl-C after the tasks have started) wait on that stream, never on a sleep;
+every read has a deadline. Two runs use a pseudo-terminal: the rich live view with Ctrl-C, and the
+plain fallback without rich.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from procsup._demo_stress import percentiles
 DEADLINE = 60.0  # seconds; a passing run takes a few
 ROOT = Path(__file__).resolve().parent.parent
 SIBLINGS = ("cpu worker", "io worker", "coordinator", "async heartbeat")
+LEAKER, FLAKY, PLUGIN = "cache builder", "flaky fetcher", "plugin host"
 NO_RICH = "import sys; sys.modules['rich'] = None; from procsup._demo import main; sys.exit(main())"
 
 Event = dict[str, Any]
@@ -57,6 +59,11 @@ def find(events: list[Event], kind: str, task: str | None = None) -> Event:
     matches = [e for e in events if e["event"] == kind and (task is None or e.get("task") == task)]
     assert len(matches) == 1, f"expected one {kind!r} event for {task!r}: {story(events)}"
     return matches[0]
+
+
+def runs(events: list[Event], kind: str, task: str) -> list[Event]:
+    """Every ``kind`` event of ``task``, in order (a restarted task has one per run)."""
+    return [e for e in events if e["event"] == kind and e.get("task") == task]
 
 
 def position(events: list[Event], kind: str, task: str | None = None) -> int:
@@ -91,14 +98,22 @@ def check_clean_shutdown(events: list[Event], code: int, culprit: str | None) ->
             assert not psutil.pid_exists(event["pid"]), f"{event} outlived the demo"
 
 
-def test_default_scenario_crash_cancels_root_and_everyone_cleans_up() -> None:
+@pytest.fixture(scope="module")
+def default_run() -> tuple[int, list[Event], str]:
+    """One run of the default scenario, shared by the tests that read its story."""
+    return run_demo()
+
+
+def test_default_scenario_crash_cancels_root_and_everyone_cleans_up(
+    default_run: tuple[int, list[Event], str],
+) -> None:
     """Test the default run: segfault record, root cancelled with its cause, siblings, exit 1."""
-    code, events, stderr = run_demo()
+    code, events, stderr = default_run
     assert code == 1, story(events)
     assert events[0]["event"] == "begin"
     assert events[0]["scenario"] == "crash"
     assert events[0]["start_method"] == "forkserver"
-    assert [kind for kind, _ in story(events)[1:6]] == ["started"] * 5
+    assert [kind for kind, _ in story(events)[1:7]] == ["started"] * 6
     crash = find(events, "crashed", "native parser")
     assert crash["signal"] == "SIGSEGV"
     assert crash["exitcode"] == -signal.SIGSEGV
@@ -114,6 +129,38 @@ def test_default_scenario_crash_cancels_root_and_everyone_cleans_up() -> None:
     assert "SIGSEGV" in events[-1]["reason"]
     assert any(e["event"] == "status" for e in events)
     assert "Traceback" not in stderr
+
+
+def test_default_scenario_memory_limit_restarts_the_leaking_cache(
+    default_run: tuple[int, list[Event], str],
+) -> None:
+    """Test the leak: its memory_limit fails a run (MemoryError), a restart, a clean finish."""
+    code, events, _ = default_run
+    assert code == 1, story(events)
+    started = find(events, "started", LEAKER)
+    assert started["restart"] == "transient"
+    assert "memory_limit=96.0 MiB" in started["text"]
+    over, *_ = runs(events, "failed", LEAKER)
+    assert over["run"] == 1
+    assert over["text"].startswith(
+        f"Critical task '{LEAKER}' failed: MemoryError: memory limit exceeded "
+        "(memory_limit=96.0 MiB, RLIMIT_DATA): the cache could not grow past"
+    ), over
+    restarted, *_ = runs(events, "restarted", LEAKER)
+    assert restarted["restarts"] == 1
+    assert restarted["pid"] != over["pid"]
+    assert "MemoryError: memory limit exceeded" in restarted["last_failure"]
+    # The limit is a restart, not the story's failure: the segfault cancels the root.
+    crash = position(events, "crashed", "native parser")
+    assert events.index(over) < events.index(restarted) < crash
+    assert find(events, "cancelled")["cause"].startswith("Critical task 'native parser' crashed")
+    finished = find(events, "finished", LEAKER)
+    assert position(events, "cancelled") < events.index(finished)
+    assert finished["result"].startswith("dropped its")
+    assert finished["restarts"] >= 1
+    row = next(row for row in find(events, "summary")["tasks"] if row["task"] == LEAKER)
+    assert row["state"] == "done"
+    assert row["peak_rss"] > 64 * 2**20  # it did grow to its limit
 
 
 def test_error_scenario_shows_the_child_traceback_under_fork() -> None:
@@ -144,12 +191,48 @@ def test_graceful_scenario_under_spawn_exits_zero() -> None:
     assert "Traceback" not in stderr
 
 
-def test_restart_scenario_says_what_it_needs() -> None:
-    """Test that the restart scenario explains itself and exits 2 (no restart policies yet)."""
-    code, events, _ = run_demo("--scenario", "restart")
-    assert code == 2
-    assert story(events) == [("begin", None), ("unavailable", None), ("exit", None)]
-    assert "restart policies" in find(events, "unavailable")["text"]
+def test_restart_scenario_recovers_then_escalates() -> None:
+    """Test restarts with backoff, then a crash loop over its intensity cancelling the root."""
+    code, events, stderr = run_demo("--scenario", "restart")
+    assert code == 1, story(events)
+    # The flaky fetcher: refused twice, restarted twice (exponential backoff), then recovers.
+    failed = runs(events, "failed", FLAKY)
+    restarted = runs(events, "restarted", FLAKY)
+    assert [e["run"] for e in failed] == [1, 2]
+    assert all("ConnectionRefusedError" in e["text"] for e in failed)
+    assert [e["restarts"] for e in restarted] == [1, 2]
+    order = [events.index(e) for e in (failed[0], restarted[0], failed[1], restarted[1])]
+    assert order == sorted(order), story(events)
+    assert "refused attempt 2" in restarted[1]["last_failure"]
+    assert restarted[0]["backoff"] >= 0.1  # backoff (0.25, 1.0) with jitter in [0.5, 1]
+    assert restarted[1]["backoff"] >= 0.2  # doubled for the second restart
+    # The plugin host: three crashes, two restarts, then its intensity is exceeded.
+    crashes = runs(events, "crashed", PLUGIN)
+    assert [e["run"] for e in crashes] == [1, 2, 3]
+    assert {e["signal"] for e in crashes} == {"SIGABRT"}
+    assert [e["restarts"] for e in runs(events, "restarted", PLUGIN)] == [1, 2]
+    escalated = find(events, "escalated", PLUGIN)
+    assert events.index(crashes[-1]) < events.index(escalated) < position(events, "cancelled")
+    intensity = f"Critical task '{PLUGIN}' exceeded its restart intensity (more than 2 restarts"
+    assert escalated["cause"].startswith(intensity)
+    assert len([key for key in escalated["record"] if key.startswith("run ")]) == 3
+    cause = find(events, "cancelled")["cause"]
+    assert cause == escalated["cause"]
+    assert restarted[1]["t"] < escalated["t"]  # the fetcher had recovered by then
+    # Everyone else, the recovered fetcher too, shuts down gracefully.
+    check_clean_shutdown(events, 1, None)
+    fetched = find(events, "finished", FLAKY)
+    assert (
+        position(events, "cancelled")
+        < position(events, "stopping", FLAKY)
+        < (events.index(fetched))
+    )
+    assert fetched["result"].startswith("connected on attempt 3")
+    summary = {row["task"]: row for row in find(events, "summary")["tasks"]}
+    assert (summary[FLAKY]["state"], summary[FLAKY]["restarts"]) == ("done", 2)
+    assert (summary[PLUGIN]["state"], summary[PLUGIN]["restarts"]) == ("escalated", 2)
+    assert events[-1]["reason"].startswith(intensity)
+    assert "Traceback" not in stderr
 
 
 def test_stress_scenario_reports_throughput_and_percentiles() -> None:
@@ -231,7 +314,7 @@ def test_ctrl_c_cancels_the_root_and_everyone_cleans_up(demo: Callable[..., Demo
     def all_started(event: Event) -> bool:
         nonlocal started
         started += 1 if event["event"] == "started" else 0
-        return started == 5
+        return started == 6
 
     run.read_until(all_started)
     run.proc.send_signal(signal.SIGINT)
@@ -241,6 +324,7 @@ def test_ctrl_c_cancels_the_root_and_everyone_cleans_up(demo: Callable[..., Demo
     assert find(events, "cancelled")["cause"].startswith("SIGINT (Ctrl-C)")
     parser = find(events, "finished", "native parser")
     assert parser["result"].startswith("stopped before the bad record")
+    assert find(events, "finished", LEAKER)["result"].startswith("dropped its")
     assert not [e for e in events if e["event"] in ("crashed", "failed", "stopped")]
     check_clean_shutdown(events, 130, None)
 
