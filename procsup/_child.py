@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
-from procsup._logs import LogChannel, OutputChannel, install_forwarder, logger_levels
+from procsup._logs import LinePrinter, LogChannel, OutputChannel, install_forwarder, logger_levels
 from procsup._options import TaskOptions
 
 __all__ = ["ChildSetup", "Prepared", "describe_bytes", "open_channels"]
@@ -64,16 +64,15 @@ class ChildSetup:
     log: Connection
     root_level: int
     levels: dict[str, int]
-    stdout: Connection | None
-    stderr: Connection | None
+    stdout: Connection | None  # captured stdout; stderr always has its pipe (procsup._stdio)
     memory_limit: int | None
     cpu_time_limit: float | None
 
     def close(self) -> None:
         """Close the supervisor's copies of the child's ends (after the start)."""
-        for conn in (self.log, self.stdout, self.stderr):
-            if conn is not None:
-                conn.close()
+        self.log.close()
+        if self.stdout is not None:
+            self.stdout.close()
 
     def apply(self) -> None:
         """In the task process: limits first, then output, then logging."""
@@ -83,17 +82,14 @@ class ChildSetup:
             # Whole seconds: SIGXCPU at the soft limit, SIGKILL one second later if it is caught.
             soft = math.ceil(self.cpu_time_limit)
             _lower(resource.RLIMIT_CPU, soft, soft + 1)
-        for conn, fd, name in ((self.stdout, 1, "stdout"), (self.stderr, 2, "stderr")):
-            if conn is None:
-                continue
+        if self.stdout is not None:
             with contextlib.suppress(Exception):
-                getattr(sys, name).flush()
-            os.dup2(conn.fileno(), fd)
-            conn.close()
+                sys.stdout.flush()
+            os.dup2(self.stdout.fileno(), 1)
+            self.stdout.close()
             # A fresh stream on the fd: under fork, sys.stdout may be the parent's in-memory
             # capture (pytest's), and line-buffered, so lines show as they happen, not at exit.
-            stream = open(fd, "w", buffering=1, closefd=False, errors="backslashreplace")  # noqa: SIM115
-            setattr(sys, name, stream)
+            sys.stdout = open(1, "w", buffering=1, closefd=False, errors="backslashreplace")  # noqa: SIM115
         install_forwarder(self.log.fileno(), self.root_level, self.levels)
 
 
@@ -140,26 +136,31 @@ class Prepared:
 
 def open_channels(
     options: TaskOptions, description: str
-) -> tuple[ChildSetup, list[LogChannel | OutputChannel]]:
-    """Make the pipes of one task: its setup (to pass to the child) and the supervisor's ends."""
+) -> tuple[ChildSetup, list[LogChannel | OutputChannel], LinePrinter | None]:
+    """Make the pipes of one task: its setup (to pass to the child), the supervisor's ends, and,
+    with ``capture_output``, the printer to put on the task's ``StderrTap.forward``.
+
+    Captured stderr goes through the task's one stderr pipe (``procsup._stdio``), so the crash
+    record keeps its tail and faulthandler dump; only stdout gets a pipe of its own here.
+    """
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     mine.setblocking(False)
     channels: list[LogChannel | OutputChannel] = [LogChannel(mine, description)]
-    outputs: list[Connection | None] = [None, None]
+    stdout: Connection | None = None
+    stderr_printer: LinePrinter | None = None
     if options.capture_output:
-        for i, stream in enumerate(("stdout", "stderr")):
-            read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-            os.set_blocking(write_end, True)  # the task writes as to a terminal: blocking
-            channels.append(OutputChannel(read_end, stream, description))
-            outputs[i] = Connection(write_end, readable=False)
+        read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        os.set_blocking(write_end, True)  # the task writes as to a terminal: blocking
+        channels.append(OutputChannel(read_end, "stdout", description))
+        stdout = Connection(write_end, readable=False)
+        stderr_printer = LinePrinter("stderr", description)
     root_level, levels = logger_levels()
     setup = ChildSetup(
         log=Connection(theirs.detach()),
         root_level=root_level,
         levels=levels,
-        stdout=outputs[0],
-        stderr=outputs[1],
+        stdout=stdout,
         memory_limit=options.memory_limit,
         cpu_time_limit=options.cpu_time_limit,
     )
-    return setup, channels
+    return setup, channels, stderr_printer

@@ -159,34 +159,24 @@ class LogChannel:
         self._sock.close()
 
 
-class OutputChannel:
-    """Supervisor side of a captured stdout or stderr pipe: whole lines, prefixed."""
+class LinePrinter:
+    """Writes what a task printed to this process's ``sys.<stream>``, line by line, prefixed.
 
-    def __init__(self, fd: int, stream: str, description: str) -> None:
-        self._fd = fd
+    Invariant: ``_partial`` holds the bytes after the last newline written out (a line still open).
+    """
+
+    def __init__(self, stream: str, description: str) -> None:
         self._stream = stream  # "stdout" or "stderr": looked up on sys at each write
         self.description = description
         self.pid = 0
         self._partial = b""
 
-    def fileno(self) -> int:
-        return self._fd
+    def write(self, data: bytes) -> None:
+        self._partial += data
+        self._flush(final=False)
 
-    def pump(self, budget: int | None) -> bool:
-        """Write out the whole lines read (up to ``budget`` reads); False at EOF."""
-        while budget is None or budget > 0:
-            try:
-                data = os.read(self._fd, 65536)
-            except BlockingIOError:
-                return True
-            if not data:
-                self._flush(final=True)
-                return False
-            self._partial += data
-            self._flush(final=False)
-            if budget is not None:
-                budget -= 1
-        return True
+    def close(self) -> None:
+        self._flush(final=True)
 
     def _flush(self, final: bool) -> None:
         *lines, self._partial = self._partial.split(b"\n")
@@ -205,8 +195,42 @@ class OutputChannel:
             stream.write(text)
             stream.flush()
 
+
+class OutputChannel:
+    """Supervisor side of a captured stdout pipe: whole lines, prefixed (``LinePrinter``)."""
+
+    def __init__(self, fd: int, stream: str, description: str) -> None:
+        self._fd = fd
+        self.printer = LinePrinter(stream, description)
+
+    @property
+    def pid(self) -> int:
+        return self.printer.pid
+
+    @pid.setter
+    def pid(self, pid: int) -> None:
+        self.printer.pid = pid
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def pump(self, budget: int | None) -> bool:
+        """Write out the whole lines read (up to ``budget`` reads); False at EOF."""
+        while budget is None or budget > 0:
+            try:
+                data = os.read(self._fd, 65536)
+            except BlockingIOError:
+                return True
+            if not data:
+                self.printer.close()
+                return False
+            self.printer.write(data)
+            if budget is not None:
+                budget -= 1
+        return True
+
     def close(self) -> None:
-        self._flush(final=True)
+        self.printer.close()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -13,8 +13,9 @@
                                                    TaskCrashedError: tail and dump in the record
 
 Hook for output capture (``capture_output``) and other consumers: ``StderrTap.forward`` is called
-with every chunk, in order, on the supervision thread; replace it (e.g. with a line splitter that
-prefixes lines) to change where the bytes go. The tail and the dump are kept whatever it does.
+with every chunk, in order, on the supervision thread, and ``finish`` once when the tap closes;
+``capture_output`` puts a line-prefixing ``procsup._logs.LinePrinter`` there. The tail and the dump
+are kept whatever they do.
 
 Things that don't work
 ----------------------
@@ -53,6 +54,10 @@ def _to_stderr(data: bytes) -> None:
             view = view[os.write(2, view) :]
 
 
+def _nothing() -> None:
+    pass
+
+
 class StderrTap:
     """Supervisor side of one task's stderr pipe (a ``procsup._monitor.Channel``).
 
@@ -69,6 +74,7 @@ class StderrTap:
         self.child_end: Connection | None = Connection(write_end, readable=False)
         self.pid = 0
         self.forward: Callable[[bytes], None] = _to_stderr
+        self.finish: Callable[[], None] = _nothing  # called once, when the tap closes
         self._tail = bytearray()
         self._dump = bytearray()
         self._in_dump = False
@@ -125,6 +131,7 @@ class StderrTap:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+            self.finish()
 
 
 def attach(conn: Connection) -> None:

@@ -307,9 +307,11 @@ class Supervisor:
         token = parent.child_token()
         reader, writer = self._ctx.Pipe(duplex=False)
         _platform.enlarge_pipe(writer.fileno())
-        setup, channels = open_channels(options, description)
+        setup, channels, stderr_printer = open_channels(options, description)
         target = Prepared(task_fn, setup)
         stderr = StderrTap()
+        if stderr_printer is not None:
+            stderr.forward, stderr.finish = stderr_printer.write, stderr_printer.close
         # The token goes last: if args fail to pickle, it was never handed to a child.
         proc = self._process(
             task_fn,
@@ -343,6 +345,8 @@ class Supervisor:
         task = TaskRecord(description, proc, token, parent, reader, exit_fd, owned)
         task.stderr = stderr
         stderr.pid = task.pid
+        if stderr_printer is not None:
+            stderr_printer.pid = task.pid
         task.cancels_parent = not options.restarts
         task.channels = [*channels, stderr]
         for channel in channels:

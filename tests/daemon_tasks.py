@@ -3,8 +3,10 @@ pickle under spawn/forkserver. State that must survive a restart lives in a file
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -88,6 +90,12 @@ def print_some(token: CancellationToken) -> None:
     print("to stderr 1", file=sys.stderr)
     sys.stdout.write("no newline at the end")
     os.write(1, b"")
+
+
+def complain_then_segfault(token: CancellationToken) -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # faulthandler stays on: the record wants it
+    print("about to touch address 0", file=sys.stderr, flush=True)
+    ctypes.string_at(0)
 
 
 # ---------------------------------------------------------------- limits

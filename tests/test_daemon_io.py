@@ -68,6 +68,19 @@ def test_capture_output_prefixes_lines(
     assert f"{prefix}to stderr 1\n" in err
 
 
+def test_captured_stderr_still_feeds_the_crash_record(
+    runtime: Supervisor, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Test that with capture_output a crash record keeps the stderr tail and faulthandler dump."""
+    h = runtime.spawn(daemon_tasks.complain_then_segfault, "loud", capture_output=True)
+    with pytest.raises(TaskCrashedError) as info:
+        h.join(DEADLINE)
+    assert "about to touch address 0" in (info.value.stderr_tail or "")
+    assert "complain_then_segfault" in (info.value.faulthandler_dump or "")
+    _, err = capsys.readouterr()
+    assert f"[loud {h.pid}] about to touch address 0\n" in err
+
+
 def test_memory_limit(runtime: Supervisor) -> None:
     """Test that going over memory_limit fails the task with "memory limit exceeded"."""
     parent = CancellationToken()
