@@ -252,20 +252,32 @@ class CriticalTaskExecutionHandle(Generic[T]):
 
         A task killed here raises ``TaskCrashedError`` with ``stopped=True`` and leaves its parent
         token alone; a task that returns or fails in time behaves exactly as with ``join()``.
+
+        Raises:
+            TimeoutError: The task survived SIGKILL (a process stuck in the kernel, D state); the
+                message gives its pid and ``/proc`` state. ``stop()`` never waits for it longer.
         """
         wait = check_timeout(timeout)
         self._detached = True
         self._life.cancel(f"Critical task '{self.description}' stop requested")
         if concurrent.futures.wait([self._life.future], wait).not_done:
-            self._escalate(timeout)
+            stuck = self._escalate(timeout)
+            if stuck and not self._life.future.done():
+                raise TimeoutError(
+                    f"stop(): {'; '.join(stuck)}; it stays supervised, and its outcome is "
+                    "published if it ever dies"
+                )
         return self.join(REAP_DEADLINE)
 
-    def _escalate(self, timeout: float | None) -> None:
+    def _escalate(self, timeout: float | None) -> list[str]:
+        """SIGTERM, then SIGKILL the tree; return what /proc says of a task that survived that."""
         record = None
+        stuck: list[str] = []
         # Again if a restart was under way: its run is born cancelled, but may ignore it too.
         while not self._life.future.done() and self._life.record is not record:
             record = self._task
-            escalate([record], f"it did not honour cancellation within {timeout} s")
+            stuck = escalate([record], f"it did not honour cancellation within {timeout} s")
+        return stuck
 
     def __enter__(self) -> CriticalTaskExecutionHandle[T]:
         return self

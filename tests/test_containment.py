@@ -255,3 +255,29 @@ def test_a_process_that_survives_sigkill_is_reported_and_shutdown_returns(
     assert runtime._monitor.close(DEADLINE)
     _kill(descendants)
     assert all(_gone(pid, DEADLINE) for pid in descendants)
+
+
+def test_stop_of_a_process_that_survives_sigkill_raises_at_once(
+    runtime: Supervisor, pipe: Pipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Test that stop() does not wait for a task that survives SIGKILL: TimeoutError with its
+    pid and /proc state, and the task stays supervised."""
+    reader, writer = pipe()
+    handle = runtime.spawn(contain_tasks.make_tree, "stuck", args=(writer, "hang"))
+    writer.close()
+    assert reader.poll(DEADLINE)
+    descendants = reader.recv()
+
+    def resist(pid: int, signum: int = signal.SIGKILL) -> None:
+        os.kill(pid, signal.SIGSTOP)
+
+    monkeypatch.setattr(_contain, "kill_tree", resist)
+    monkeypatch.setattr(_monitor, "KILL_WAIT", 0.2)
+    with pytest.raises(TimeoutError, match=rf"pid {handle.pid}: T \(stopped\)"):
+        handle.stop(timeout=0)
+    assert not handle.is_finished()
+    os.kill(handle.pid, signal.SIGKILL)
+    with pytest.raises(TaskCrashedError, match="stopped on request"):
+        handle.join(DEADLINE)
+    _kill(descendants)
+    assert all(_gone(pid, DEADLINE) for pid in descendants)
