@@ -193,7 +193,8 @@ class Lifecycle:
         """On the supervision thread, once the backoff has passed (or at once if it is leaving)."""
         with self.lock:
             self._pending = None
-            stop = self._stopping or self.sup.closed
+            # The parent may have been cancelled during the backoff: a run would be born cancelled.
+            stop = self._stopping or self.sup.closed or self.parent.is_cancelled()
             if stop:
                 self._stopping = True
         if stop:

@@ -233,6 +233,28 @@ def test_cancelled_parent_stops_restarts(runtime: Supervisor, runs: str, pipe: P
     assert h.restarts == 0
 
 
+def test_parent_cancelled_during_backoff_starts_no_run(runtime: Supervisor, runs: str) -> None:
+    """Test that a restart due after its parent was cancelled is not made: the failure is final."""
+    parent = CancellationToken()
+    with runtime.events() as events:
+        h = runtime.spawn(
+            daemon_tasks.fail_until,
+            "late restart",
+            args=(runs, 100),
+            parent_token=parent,
+            restart="transient",
+            backoff=(1.0, 1.0),
+        )
+        assert [events.get(DEADLINE).kind for _ in range(2)] == ["started", "failed"]
+        parent.cancel("shutting down")
+        with pytest.raises(TaskFailedError, match="run 1 failed"):
+            h.join(DEADLINE)
+        events.close()
+        assert "restarted" not in [event.kind for event in events]
+    assert h.restarts == 0
+    assert _runs(runs) == 1
+
+
 def test_shutdown_during_backoff_resolves_the_handle(start_method: str, runs: str) -> None:
     """Test that a task waiting to restart when its supervisor shuts down is final at once."""
     sup = Supervisor(start_method=start_method, grace_period=1.0)
