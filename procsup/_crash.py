@@ -30,13 +30,14 @@ import time
 from typing import TYPE_CHECKING
 
 from procsup import _platform
+from procsup._errors import CriticalTaskError, TaskCrashedError
 
 if TYPE_CHECKING:
     from procsup._contain import ExitInfo
-    from procsup._errors import TaskCrashedError
+    from procsup._monitor import TaskRecord
     from procsup._stdio import StderrTap
 
-__all__ = ["annotate", "describe", "human_size"]
+__all__ = ["annotate", "crashed", "describe", "human_size", "stopped"]
 
 _OOM_SHARE = 0.5  # a SIGKILL at this share of the memory available is "likely" the OOM killer
 _FRAME = re.compile(r'^\s+File "(?P<path>.+)", line (?P<line>\d+) in (?P<func>.+)$')
@@ -138,3 +139,37 @@ def annotate(
     error.add_note("crash record: " + ", ".join(facts))
     if error.stderr_tail:
         error.add_note("last lines of the task's stderr:\n" + error.stderr_tail)
+
+
+def crashed(task: TaskRecord, exitcode: int | None) -> TaskCrashedError:
+    """The error of a task that died without reporting an outcome."""
+    text, sig = describe(exitcode, task.info, task.stderr)
+    if task.limit_reason is not None:
+        text = f"{task.limit_reason}, then {text.split(':')[0]}"
+    if task.reader.received:
+        text += f"; it had sent {task.reader.received} bytes of its result"
+    return TaskCrashedError(
+        f"Critical task '{task.description}' crashed: {text} (pid {task.pid})",
+        description=task.description,
+        pid=task.pid,
+        exitcode=exitcode,
+        signal=sig,
+    )
+
+
+def stopped(task: TaskRecord, exitcode: int | None, error: CriticalTaskError) -> TaskCrashedError:
+    """The error of a task that procsup had to signal (``stop()``, ``shutdown()``, a timeout)."""
+    text, sig = describe(exitcode, task.info, task.stderr, stopped=True)
+    how = text.split(":")[0]  # "killed by SIGTERM (signal 15)", without the likely cause
+    stopped = TaskCrashedError(
+        f"Critical task '{task.description}' was stopped on request: {task.stop_reason}, "
+        f"then {how} (pid {task.pid})",
+        description=task.description,
+        pid=task.pid,
+        exitcode=exitcode,
+        signal=sig,
+        stopped=True,
+    )
+    if not isinstance(error, TaskCrashedError):
+        stopped.__cause__ = error
+    return stopped

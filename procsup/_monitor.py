@@ -363,10 +363,10 @@ class Monitor:
             logger.debug("Critical task '%s' completed successfully", task.description)
             task.future.set_result(outcome.value)
             return
-        error = outcome if outcome is not None else _crashed(task, exitcode)
+        error = outcome if outcome is not None else _crash.crashed(task, exitcode)
         error.exitcode = exitcode
         if task.stop_reason is not None:
-            error = _stopped(task, exitcode, error)
+            error = _crash.stopped(task, exitcode, error)
         if isinstance(error, TaskCrashedError):
             _crash.annotate(error, task.info, task.started, task.stderr)
         if task.stop_reason is not None:
@@ -386,35 +386,3 @@ class Monitor:
                 task.future.set_exception(
                     CriticalTaskError(_MONITOR_LOST, description=task.description, pid=task.pid)
                 )
-
-
-def _crashed(task: TaskRecord, exitcode: int | None) -> TaskCrashedError:
-    text, sig = _crash.describe(exitcode, task.info, task.stderr)
-    if task.limit_reason is not None:
-        text = f"{task.limit_reason}, then {text.split(':')[0]}"
-    if task.reader.received:
-        text += f"; it had sent {task.reader.received} bytes of its result"
-    return TaskCrashedError(
-        f"Critical task '{task.description}' crashed: {text} (pid {task.pid})",
-        description=task.description,
-        pid=task.pid,
-        exitcode=exitcode,
-        signal=sig,
-    )
-
-
-def _stopped(task: TaskRecord, exitcode: int | None, error: CriticalTaskError) -> TaskCrashedError:
-    text, sig = _crash.describe(exitcode, task.info, task.stderr, stopped=True)
-    how = text.split(":")[0]  # "killed by SIGTERM (signal 15)", without the likely cause
-    stopped = TaskCrashedError(
-        f"Critical task '{task.description}' was stopped on request: {task.stop_reason}, "
-        f"then {how} (pid {task.pid})",
-        description=task.description,
-        pid=task.pid,
-        exitcode=exitcode,
-        signal=sig,
-        stopped=True,
-    )
-    if not isinstance(error, TaskCrashedError):
-        stopped.__cause__ = error
-    return stopped

@@ -37,7 +37,6 @@ Things that don't work
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import multiprocessing.connection
 import multiprocessing.context
@@ -46,7 +45,6 @@ import multiprocessing.reduction
 import multiprocessing.util
 import os
 import pickle
-import selectors
 import signal
 import socket
 import struct
@@ -56,19 +54,26 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from procsup import _platform
 from procsup._contain import ExitInfo, exit_info
-from procsup._guardian import STATUS, Guardian, decode_status
-from procsup._token import borrow_args, borrowed
+from procsup._guardian import STATUS, decode_status
+from procsup._token import borrow_args
 
 if TYPE_CHECKING:
     from procsup._token import CancellationToken
 
-__all__ = ["ForkProcess", "ZygoteProcess", "daemon_fds", "guard"]
+__all__ = [
+    "MAX_FDS",
+    "ForkProcess",
+    "ZygoteProcess",
+    "daemon_fds",
+    "guard",
+    "inherited",
+    "run_target",
+]
 
 _INLINE = 64 * 1024  # larger payloads travel in a memfd, not in the datagram
-_MAX_FDS = 250  # SCM_RIGHTS limit per message is 253
-_inherited: list[int] = []  # in a zygote child: the fds its pickle's DupFd indices point at
+MAX_FDS = 250  # SCM_RIGHTS limit per message is 253
+inherited: list[int] = []  # in a zygote child: the fds its pickle's DupFd indices point at
 
 
 class _ChildFd:
@@ -78,10 +83,10 @@ class _ChildFd:
         self.index = index
 
     def detach(self) -> int:
-        return _inherited[self.index]
+        return inherited[self.index]
 
 
-def _run_target(target: Callable[..., Any], args: Sequence[Any]) -> int:
+def run_target(target: Callable[..., Any], args: Sequence[Any]) -> int:
     try:
         target(*args)
         return 0
@@ -150,7 +155,7 @@ class ForkProcess(_LeanProcess):
             try:
                 multiprocessing.process._children = set()  # type: ignore[attr-defined]
                 multiprocessing.util._run_after_forkers()  # type: ignore[attr-defined]
-                code = _run_target(self._target, self._args)
+                code = run_target(self._target, self._args)
             finally:
                 os._exit(code)
         self.pid = pid
@@ -238,7 +243,12 @@ class _Zygote:
         self._sock = mine
         self._lock = threading.Lock()
         self._process = subprocess.Popen(
-            [sys.executable, "-c", "import procsup._zygote as z; z.serve()", str(theirs.fileno())],
+            [
+                sys.executable,
+                "-c",
+                "import procsup._zygote_main as z; z.serve()",
+                str(theirs.fileno()),
+            ],
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
             close_fds=True,
@@ -259,8 +269,8 @@ class _Zygote:
     def spawn(
         self, preload: Sequence[str], payload: memoryview, fds: list[int], ward: Any = None
     ) -> int:
-        if len(fds) > _MAX_FDS:
-            raise ValueError(f"a task can receive at most {_MAX_FDS - 2} file descriptors")
+        if len(fds) > MAX_FDS:
+            raise ValueError(f"a task can receive at most {MAX_FDS - 2} file descriptors")
         memfd = -1
         try:
             if len(payload) > _INLINE:
@@ -324,137 +334,3 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-# ---------------------------------------------------------------- the zygote process itself
-
-
-def serve() -> None:
-    """Zygote main loop: fork a child per request, report each child's exit on its status pipe,
-    and guard every task (``procsup._guardian``) until the supervisor's socket closes."""
-    sock = socket.socket(fileno=int(sys.argv[1]))
-    _platform.set_child_subreaper()  # a dead task's descendants come to us, not to init
-    guardian = Guardian()
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the supervisor to handle
-    selector = selectors.DefaultSelector()
-    selector.register(sock, selectors.EVENT_READ)
-    selector.register(wake_r, selectors.EVENT_READ)
-    while True:
-        for key, _ in selector.select(guardian.timeout()):
-            if key.fileobj is sock:
-                own = (sock.fileno(), wake_r, wake_w, selector.fileno())
-                pidfd = _serve_request(sock, guardian, own)
-                if pidfd is None:
-                    selector.unregister(sock)
-                    guardian.supervisor_gone(wake_r)
-                    return
-                if pidfd >= 0:
-                    selector.register(pidfd, selectors.EVENT_READ)
-            elif key.fileobj == wake_r:
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(wake_r, 4096):
-                        pass
-            else:
-                assert isinstance(key.fileobj, int)
-                selector.unregister(key.fileobj)
-                guardian.watched_exited(key.fileobj)
-        guardian.reap()
-        guardian.kill_due()
-
-
-def _unpickle_and_run(payload: bytes) -> None:
-    target, args = pickle.loads(payload)
-    del payload
-    target(*args)
-
-
-def _borrow(args: Any, fds: list[int]) -> tuple[Any, int]:
-    """Unpickle a borrowed token in the zygote. Returns it and the fd its arena came with, or -1
-    if the zygote adopted that fd as the arena's (then it is the zygote's to keep)."""
-    from procsup._arena import Arena
-
-    _inherited[:] = fds
-    try:
-        token = borrowed(*args)
-    finally:
-        _inherited.clear()
-    dup = fds[args[1].index]
-    adopted = any(arena.fd == dup for arena in Arena._registry.values())
-    return token, -1 if adopted else dup
-
-
-def _kept_fds() -> set[int]:
-    from procsup._arena import Arena
-
-    return {arena.fd for arena in Arena._registry.values()}
-
-
-def _serve_request(sock: socket.socket, guardian: Guardian, own: tuple[int, ...]) -> int | None:
-    """Handle one message: None at EOF, a pidfd to watch, or -1."""
-    fds: list[int] = []
-    data, ancdata, _, _ = sock.recvmsg(1 << 17, socket.CMSG_SPACE(_MAX_FDS * 4))
-    if not data:
-        return None
-    for level, kind, blob in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds += struct.unpack(f"{len(blob) // 4}i", blob[: len(blob) - len(blob) % 4])
-    message = pickle.loads(data)
-    if message[0] == "path":
-        sys.path[:] = message[1]
-        sock.send(pickle.dumps(("ok",)))
-        return -1
-    if message[0] == "guard":
-        _, pid, grace, args = message
-        token, spare = _borrow(args, fds[1:])
-        if spare >= 0:
-            os.close(spare)
-        guardian.watch(pid, fds[0], token, grace)
-        return fds[0]
-    _, preload, payload, ward = message
-    for name in preload:
-        if name not in sys.modules:
-            with contextlib.suppress(Exception):
-                importlib.import_module(name)
-    status_w, rest = fds[0], fds[1:]
-    if payload is None:
-        with open(rest[0], "rb") as f:  # closes the memfd
-            f.seek(0)  # the offset is shared with the writer's open file description
-            payload = f.read()
-        rest = rest[1:]
-    token, grace, spare = None, 5.0, -1
-    if ward is not None:
-        grace, args = ward
-        token, spare = _borrow(args, rest)
-    zygote = os.getpid()
-    try:
-        pid = os.fork()
-    except OSError as exc:
-        for fd in (status_w, *rest):
-            os.close(fd)
-        sock.send(pickle.dumps(("error", str(exc))))
-        return -1
-    if pid == 0:  # pragma: no cover - runs in the task process
-        code = 1
-        try:
-            # Die with the zygote: it is the guardian, and the status pipe would lie otherwise.
-            _platform.set_parent_death_signal(signal.SIGKILL)
-            if os.getppid() != zygote:
-                os._exit(code)
-            # ``spare``: the arena arrived again, but this process maps it already (from us).
-            for fd in (*own, status_w, *guardian.fds(), *([spare] if spare >= 0 else [])):
-                os.close(fd)
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            _inherited[:] = rest
-            code = _run_target(_unpickle_and_run, (payload,))
-        finally:
-            os._exit(code)
-    for fd in rest:
-        if fd not in _kept_fds():
-            os.close(fd)
-    guardian.add_child(pid, status_w, token, grace)
-    sock.send(pickle.dumps(("pid", pid)))
-    return -1
