@@ -3,14 +3,9 @@
 ::
 
     spawn() / CriticalTaskExecutionHandle(...)          (caller's thread)
-      └─ _start(): validate (no process is started on bad input)
-                   token = parent.child_token()          (before the start: seed C3/C4)
-                   reader, writer = Pipe(); _process(...).start(), a process running
-                                  _task.main(fn, args, kwargs, writer, token):
-                                    forkserver: a ZygoteProcess (procsup's preloaded zygote)
-                                    fork: a ForkProcess; spawn: a multiprocessing Process
-                   close writer; take proc out of multiprocessing's _children
-                   TaskRecord(proc, reader, exit fd) ─▶ Monitor.add()  (see procsup._monitor)
+      └─ Lifecycle (procsup._restart: one task across its runs, restart policy, timeout)
+           └─ _start(): validate (no process is started on bad input), boot the Monitor thread
+                └─ launch() (procsup._launch): token, pipes, process start ─▶ Monitor.add()
     shutdown(): cancel root and every task ─▶ wait grace ─▶ escalate (SIGTERM, SIGKILL) ─▶ reap all
 
 Things that don't work
@@ -38,26 +33,22 @@ import logging
 import multiprocessing
 import multiprocessing.process
 import os
-import pickle
 import signal
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from procsup import _platform, _task
 from procsup._aio import off_loop
-from procsup._child import Prepared, open_channels
+from procsup._launch import launch
 from procsup._monitor import KILL_WAIT, REAP_DEADLINE, Monitor, TaskRecord, escalate
 from procsup._options import DEFAULT, RestartPolicy, TaskOptions, check_options
 from procsup._options import check_task as _validate
 from procsup._restart import Lifecycle
 from procsup._signals import SignalBridge
 from procsup._status import EventStream, StatusHub, TaskEvent, TaskSnapshot
-from procsup._stdio import StderrTap
 from procsup._timers import Timers
 from procsup._token import CancellationToken, check_timeout
-from procsup._zygote import ForkProcess, ZygoteProcess, guard
 
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext
@@ -304,84 +295,7 @@ class Supervisor:
                 monitor = self._monitor = self._boot(getattr(task_fn, "__module__", None))
                 # Kept alive while it supervises, dropped or not, so that atexit shuts it down.
                 _RUNNING.add(self)
-        token = parent.child_token()
-        reader, writer = self._ctx.Pipe(duplex=False)
-        _platform.enlarge_pipe(writer.fileno())
-        setup, channels, stderr_printer = open_channels(options, description)
-        target = Prepared(task_fn, setup)
-        stderr = StderrTap()
-        if stderr_printer is not None:
-            stderr.forward, stderr.finish = stderr_printer.write, stderr_printer.close
-        # The token goes last: if args fail to pickle, it was never handed to a child.
-        proc = self._process(
-            task_fn,
-            description,
-            (target, tuple(args), dict(kwargs or {}), writer, token, stderr.child_end),
-        )
-        try:
-            proc.start()
-        except BaseException as exc:
-            reader.close()
-            writer.close()
-            stderr.close()
-            setup.close()
-            for channel in channels:
-                channel.close()
-            if isinstance(exc, pickle.PicklingError | TypeError | AttributeError):
-                raise TypeError(
-                    f"critical task {description!r} could not be started: its function, args "
-                    f"and kwargs must be picklable under the {self._method!r} start method ({exc})"
-                ) from exc
-            raise
-        writer.close()  # so the child holds the only write end we know of
-        stderr.close_child_end()
-        setup.close()
-        # Reaped by our thread alone (see "Things that don't work").
-        multiprocessing.process._children.discard(proc)  # type: ignore[attr-defined]
-        os.set_blocking(reader.fileno(), False)
-        exit_fd, owned = _platform.exit_notifier(proc, self._method)
-        if self._method == "fork" or owned:  # exit_fd is a pidfd: the zygote can watch it
-            self._guard(proc.pid, exit_fd, token)
-        task = TaskRecord(description, proc, token, parent, reader, exit_fd, owned)
-        task.stderr = stderr
-        stderr.pid = task.pid
-        if stderr_printer is not None:
-            stderr_printer.pid = task.pid
-        task.cancels_parent = not options.restarts
-        task.channels = [*channels, stderr]
-        for channel in channels:
-            channel.pid = task.pid
-        if not monitor.add(task):  # shutdown() finished while we were starting: undo
-            _platform.signal_tree(task.pid, signal.SIGKILL)
-            proc.join()
-            task.release()
-            raise RuntimeError("this Supervisor has been shut down")
-        return task
-
-    def _process(self, task_fn: Callable[..., Any], description: str, args: tuple[Any, ...]) -> Any:
-        """A not yet started process that will run ``_task.main(*args)``."""
-        name = f"procsup: {description}"
-        if self._method == "forkserver":
-            module = getattr(task_fn, "__module__", None)
-            preload = self._preload if module in (None, "__main__") else [*self._preload, module]
-            return ZygoteProcess(
-                _task.main, args, name, preload=preload, token=args[4], grace=self._grace
-            )
-        if self._method == "fork":
-            return ForkProcess(_task.main, args, name)
-        return self._ctx.Process(target=_task.main, args=args, name=name)  # type: ignore[attr-defined]
-
-    def _guard(self, pid: int, pidfd: int, token: CancellationToken) -> None:
-        """Make the zygote the guardian of a fork/spawn task (``procsup._guardian``)."""
-        try:
-            guard(pid, pidfd, token, self._grace)
-        except (OSError, RuntimeError) as exc:
-            logger.warning(
-                "procsup zygote unavailable: task pid %d will not be killed if this process dies "
-                "(%s)",
-                pid,
-                exc,
-            )
+        return launch(self, monitor, task_fn, parent, description, args, kwargs, options)
 
     def install_signal_handlers(self) -> None:
         """Make SIGINT and SIGTERM cancel this supervisor's root token; a second one shuts down.

@@ -1,0 +1,134 @@
+"""Starting one run of a task: its pipes, its process, and handing it to the supervision thread.
+
+::
+
+    Supervisor._start() ─ validate, boot the Monitor ─▶ launch():
+        token = parent.child_token()                 (before the start: seed C3/C4)
+        result pipe, stderr pipe (procsup._stdio), log socket and captured stdout (procsup._child)
+        _process(...).start(): a process running _task.main(Prepared(fn, setup), args, kwargs,
+                               result writer, token, stderr writer)
+            forkserver: a ZygoteProcess (procsup's preloaded zygote)
+            fork: a ForkProcess; spawn: a multiprocessing Process
+        close our copies of the child's ends; fork/spawn tasks: the zygote guards them too
+        TaskRecord ─▶ Monitor.add()  (procsup._monitor)
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing.process
+import os
+import pickle
+import signal
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from procsup import _platform, _task
+from procsup._child import Prepared, open_channels
+from procsup._monitor import Monitor, TaskRecord
+from procsup._options import TaskOptions
+from procsup._stdio import StderrTap
+from procsup._token import CancellationToken
+from procsup._zygote import ForkProcess, ZygoteProcess, guard
+
+if TYPE_CHECKING:
+    from procsup._supervisor import Supervisor
+
+__all__ = ["launch"]
+
+logger = logging.getLogger("procsup")
+
+
+def launch(
+    sup: Supervisor,
+    monitor: Monitor,
+    task_fn: Callable[..., Any],
+    parent: CancellationToken,
+    description: str,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any] | None,
+    options: TaskOptions,
+) -> TaskRecord:
+    """Start one run of a validated task under ``sup`` and let ``monitor`` watch it."""
+    token = parent.child_token()
+    reader, writer = sup._ctx.Pipe(duplex=False)
+    _platform.enlarge_pipe(writer.fileno())
+    setup, channels, stderr_printer = open_channels(options, description)
+    target = Prepared(task_fn, setup)
+    stderr = StderrTap()
+    if stderr_printer is not None:
+        stderr.forward, stderr.finish = stderr_printer.write, stderr_printer.close
+    # The token goes last: if args fail to pickle, it was never handed to a child.
+    proc = _process(
+        sup,
+        task_fn,
+        description,
+        (target, tuple(args), dict(kwargs or {}), writer, token, stderr.child_end),
+    )
+    try:
+        proc.start()
+    except BaseException as exc:
+        reader.close()
+        writer.close()
+        stderr.close()
+        setup.close()
+        for channel in channels:
+            channel.close()
+        if isinstance(exc, pickle.PicklingError | TypeError | AttributeError):
+            raise TypeError(
+                f"critical task {description!r} could not be started: its function, args "
+                f"and kwargs must be picklable under the {sup._method!r} start method ({exc})"
+            ) from exc
+        raise
+    writer.close()  # so the child holds the only write end we know of
+    stderr.close_child_end()
+    setup.close()
+    # Reaped by the supervision thread alone (procsup._monitor, "Things that don't work").
+    multiprocessing.process._children.discard(proc)  # type: ignore[attr-defined]
+    os.set_blocking(reader.fileno(), False)
+    exit_fd, owned = _platform.exit_notifier(proc, sup._method)
+    if sup._method == "fork" or owned:  # exit_fd is a pidfd: the zygote can watch it
+        _guard(sup, proc.pid, exit_fd, token)
+    task = TaskRecord(description, proc, token, parent, reader, exit_fd, owned)
+    task.stderr = stderr
+    stderr.pid = task.pid
+    if stderr_printer is not None:
+        stderr_printer.pid = task.pid
+    task.cancels_parent = not options.restarts
+    task.channels = [*channels, stderr]
+    for channel in channels:
+        channel.pid = task.pid
+    if not monitor.add(task):  # shutdown() finished while we were starting: undo
+        _platform.signal_tree(task.pid, signal.SIGKILL)
+        proc.join()
+        task.release()
+        raise RuntimeError("this Supervisor has been shut down")
+    return task
+
+
+def _process(
+    sup: Supervisor, task_fn: Callable[..., Any], description: str, args: tuple[Any, ...]
+) -> Any:
+    """A not yet started process that will run ``_task.main(*args)``."""
+    name = f"procsup: {description}"
+    if sup._method == "forkserver":
+        module = getattr(task_fn, "__module__", None)
+        preload = sup._preload if module in (None, "__main__") else [*sup._preload, module]
+        return ZygoteProcess(
+            _task.main, args, name, preload=preload, token=args[4], grace=sup._grace
+        )
+    if sup._method == "fork":
+        return ForkProcess(_task.main, args, name)
+    return sup._ctx.Process(target=_task.main, args=args, name=name)  # type: ignore[attr-defined]
+
+
+def _guard(sup: Supervisor, pid: int, pidfd: int, token: CancellationToken) -> None:
+    """Make the zygote the guardian of a fork/spawn task (``procsup._guardian``)."""
+    try:
+        guard(pid, pidfd, token, sup._grace)
+    except (OSError, RuntimeError) as exc:
+        logger.warning(
+            "procsup zygote unavailable: task pid %d will not be killed if this process dies (%s)",
+            pid,
+            exc,
+        )
