@@ -61,10 +61,11 @@ def _nothing() -> None:
 class StderrTap:
     """Supervisor side of one task's stderr pipe (a ``procsup._monitor.Channel``).
 
-    Invariants: ``_tail`` holds the last ``TAIL_BYTES`` bytes read (or fewer); ``_dump`` is empty
-    until a line starting with "Fatal Python error: " was read, then holds what followed it, up to
-    ``_DUMP_BYTES``; ``child_end`` is open from creation until ``close_child_end()`` (after the
-    task has started).
+    Invariants: ``_tail`` holds the last ``TAIL_BYTES`` bytes read (or fewer) before any fatal error
+    report, so a long dump (a forked task's stack includes its parent's frames) never crowds out
+    what the task printed; ``_dump`` is empty until a line starting with "Fatal Python error: " was
+    read, then holds it and what followed, up to ``_DUMP_BYTES``; ``child_end`` is open from
+    creation until ``close_child_end()`` (after the task has started).
     """
 
     def __init__(self) -> None:
@@ -103,15 +104,16 @@ class StderrTap:
         return self._fd >= 0
 
     def _keep(self, data: bytes) -> None:
+        if self._in_dump:  # a fatal error report: it goes to the dump, not the tail
+            self._dump += data[: max(0, _DUMP_BYTES - len(self._dump))]
+            return
         before = len(self._tail)
         self._tail += data
-        if self._in_dump:
-            self._dump += data[: max(0, _DUMP_BYTES - len(self._dump))]
-        else:
-            at = self._tail.find(_DUMP_MARK, max(0, before - len(_DUMP_MARK) + 1))
-            if at >= 0:
-                self._in_dump = True
-                self._dump += self._tail[at : at + _DUMP_BYTES]
+        at = self._tail.find(_DUMP_MARK, max(0, before - len(_DUMP_MARK) + 1))
+        if at >= 0:
+            self._in_dump = True
+            self._dump += self._tail[at : at + _DUMP_BYTES]
+            del self._tail[at:]
         if len(self._tail) > TAIL_BYTES:
             del self._tail[: len(self._tail) - TAIL_BYTES]
 
