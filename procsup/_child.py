@@ -41,20 +41,11 @@ from typing import Any, TypeVar
 
 from procsup._logs import LinePrinter, LogChannel, OutputChannel, install_forwarder, logger_levels
 from procsup._options import TaskOptions
+from procsup._platform import human_size
 
-__all__ = ["ChildSetup", "Prepared", "describe_bytes", "open_channels"]
+__all__ = ["ChildSetup", "Prepared", "open_channels"]
 
 T = TypeVar("T")
-
-
-def describe_bytes(size: int) -> str:
-    """``size`` for people: "512.0 MiB"."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -130,7 +121,7 @@ class Prepared:
             return exc
         detail = f": {exc}" if str(exc) else ""
         return MemoryError(
-            f"memory limit exceeded (memory_limit={describe_bytes(limit)}, RLIMIT_DATA){detail}"
+            f"memory limit exceeded (memory_limit={human_size(limit)}, RLIMIT_DATA){detail}"
         )
 
 

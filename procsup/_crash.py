@@ -31,26 +31,17 @@ from typing import TYPE_CHECKING
 
 from procsup import _platform
 from procsup._errors import CriticalTaskError, TaskCrashedError
+from procsup._platform import human_size
 
 if TYPE_CHECKING:
     from procsup._contain import ExitInfo
     from procsup._monitor import TaskRecord
     from procsup._stdio import StderrTap
 
-__all__ = ["annotate", "crashed", "describe", "human_size", "stopped"]
+__all__ = ["annotate", "crashed", "describe", "stopped"]
 
 _OOM_SHARE = 0.5  # a SIGKILL at this share of the memory available is "likely" the OOM killer
 _FRAME = re.compile(r'^\s+File "(?P<path>.+)", line (?P<line>\d+) in (?P<func>.+)$')
-
-
-def human_size(size: int) -> str:
-    """``size`` bytes for people: "1.9 GiB"."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def _memory_available() -> int | None:

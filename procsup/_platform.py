@@ -36,6 +36,7 @@ __all__ = [
     "detach_process_group",
     "enlarge_pipe",
     "exit_notifier",
+    "human_size",
     "proc_state",
     "set_child_subreaper",
     "set_parent_death_signal",
@@ -237,3 +238,13 @@ def proc_state(pid: int) -> str:
         if wchan and wchan != "0":
             text += f", wchan {wchan}"
     return text
+
+
+def human_size(size: int) -> str:
+    """``size`` bytes for people: "512 B", "1.9 GiB"."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"

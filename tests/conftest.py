@@ -7,6 +7,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
 import os
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,18 @@ START_METHODS = ("forkserver", "spawn", "fork")
 # Long-lived helpers that multiprocessing (and procsup) start once per test session on purpose.
 _DAEMON_MARKERS = ("forkserver", "resource_tracker", "procsup._zygote")
 _LONG_LIVED_FDS = ("forkserver", "procsup-zygote", "memfd:procsup-tokens")
+
+
+def process_gone(pid: int, timeout: float) -> bool:
+    """Wait for any process (ours or not) to exit, through a pidfd: no polling."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture(params=START_METHODS)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -17,24 +16,21 @@ from typing import Any
 import psutil
 import pytest
 
-from procsup import CancellationToken, Supervisor, TaskCrashedError, _contain, _monitor, _supervisor
+from procsup import (
+    CancellationToken,
+    CriticalTaskExecutionHandle,
+    Supervisor,
+    TaskCrashedError,
+    _contain,
+    _monitor,
+    _supervisor,
+)
 from tests import contain_tasks
+from tests.conftest import process_gone
 from tests.tasks import DEADLINE
 
 Pipe = Callable[[], tuple[Connection, Connection]]
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _gone(pid: int, timeout: float) -> bool:
-    """Wait for any process (ours or not) to exit, through a pidfd: no polling."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)
 
 
 def _kill(pids: list[int]) -> None:
@@ -67,7 +63,7 @@ def test_stop_and_shutdown_kill_the_whole_tree_setsid_included(
     assert info.value.stopped
     assert info.value.signal == "SIGKILL"
     assert not parent.is_cancelled()
-    assert all(_gone(pid, DEADLINE) for pid in [handle.pid, *descendants])
+    assert all(process_gone(pid, DEADLINE) for pid in [handle.pid, *descendants])
 
 
 def test_crash_kills_descendants_after_the_grace_period(start_method: str, pipe: Pipe) -> None:
@@ -88,9 +84,9 @@ def test_crash_kills_descendants_after_the_grace_period(start_method: str, pipe:
     in_group = [popen, forked]
     left_group = [session_leader, session_child]
     try:
-        assert all(_gone(pid, DEADLINE) for pid in in_group)
+        assert all(process_gone(pid, DEADLINE) for pid in in_group)
         if start_method == "forkserver":
-            assert all(_gone(pid, DEADLINE) for pid in left_group)
+            assert all(process_gone(pid, DEADLINE) for pid in left_group)
     finally:
         # Under fork/spawn, a descendant that left the group of a *crashed* task reparents to init
         # and escapes (documented in procsup._contain): clean up after it here.
@@ -157,7 +153,7 @@ def test_supervisor_sigkill_cancels_tokens_then_kills_after_grace(
     if start_method == "forkserver":
         doomed += [d for ds in descendants.values() for d in ds]
     try:
-        assert all(_gone(pid, DEADLINE) for pid in doomed)
+        assert all(process_gone(pid, DEADLINE) for pid in doomed)
     finally:
         _kill([d for ds in descendants.values() for d in ds])
 
@@ -176,7 +172,7 @@ def test_interpreter_exit_stops_live_tasks(
         script.kill()
         script.wait(DEADLINE)
     assert (ready, kind, cause) == ("ready", "cancelled", "Supervisor shut down")
-    assert all(_gone(p, DEADLINE) for p in [pid, *descendants])
+    assert all(process_gone(p, DEADLINE) for p in [pid, *descendants])
 
 
 def test_signal_handlers_cancel_then_shut_down(report_pipe: tuple[Connection, int]) -> None:
@@ -199,7 +195,7 @@ def test_signal_handlers_cancel_then_shut_down(report_pipe: tuple[Connection, in
     assert kind == "joined"
     assert stopped
     assert "stopped on request: it did not honour cancellation within 1.0 s" in message
-    assert all(_gone(p, DEADLINE) for p in [pid, *descendants])
+    assert all(process_gone(p, DEADLINE) for p in [pid, *descendants])
 
 
 def test_signal_handlers_need_the_main_thread(runtime: Supervisor) -> None:
@@ -227,11 +223,12 @@ def _capture(fn: Callable[[], object], errors: list[BaseException]) -> None:
         errors.append(exc)
 
 
-def test_a_process_that_survives_sigkill_is_reported_and_shutdown_returns(
-    runtime: Supervisor, pipe: Pipe, monkeypatch: pytest.MonkeyPatch, caplog: Any
-) -> None:
-    """Test that a task still there after SIGKILL (here: SIGSTOPped instead, as a D-state process
-    would resist) is reported with its pid and /proc state, and shutdown() returns anyway."""
+@pytest.fixture
+def unkillable(
+    runtime: Supervisor, pipe: Pipe, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[CriticalTaskExecutionHandle[Any]]:
+    """A running task whose SIGKILL is turned into SIGSTOP, as a D-state process would resist it;
+    afterwards it is killed for real, must end as "stopped on request", and its tree is reaped."""
     reader, writer = pipe()
     handle = runtime.spawn(contain_tasks.make_tree, "stuck", args=(writer, "hang"))
     writer.close()
@@ -244,40 +241,32 @@ def test_a_process_that_survives_sigkill_is_reported_and_shutdown_returns(
     monkeypatch.setattr(_contain, "kill_tree", resist)
     monkeypatch.setattr(_monitor, "KILL_WAIT", 0.2)
     monkeypatch.setattr(_supervisor, "KILL_WAIT", 0.2)
-    with caplog.at_level(logging.ERROR, logger="procsup"):
-        runtime.shutdown(timeout=0)
-    assert f"task 'stuck' pid {handle.pid}: T (stopped)" in caplog.text
+    yield handle
     assert not handle.is_finished()
     os.kill(handle.pid, signal.SIGKILL)
     with pytest.raises(TaskCrashedError, match="stopped on request"):
         handle.join(DEADLINE)
-    assert runtime._monitor is not None
-    assert runtime._monitor.close(DEADLINE)
+    if runtime.closed:  # shut down while the task was stuck: the thread ends once it is reaped
+        assert runtime._monitor is not None
+        assert runtime._monitor.close(DEADLINE)
     _kill(descendants)
-    assert all(_gone(pid, DEADLINE) for pid in descendants)
+    assert all(process_gone(pid, DEADLINE) for pid in descendants)
+
+
+def test_a_process_that_survives_sigkill_is_reported_and_shutdown_returns(
+    runtime: Supervisor, unkillable: CriticalTaskExecutionHandle[Any], caplog: Any
+) -> None:
+    """Test that a task still there after SIGKILL is reported with its pid and /proc state, and
+    shutdown() returns anyway."""
+    with caplog.at_level(logging.ERROR, logger="procsup"):
+        runtime.shutdown(timeout=0)
+    assert f"task 'stuck' pid {unkillable.pid}: T (stopped)" in caplog.text
 
 
 def test_stop_of_a_process_that_survives_sigkill_raises_at_once(
-    runtime: Supervisor, pipe: Pipe, monkeypatch: pytest.MonkeyPatch
+    unkillable: CriticalTaskExecutionHandle[Any],
 ) -> None:
     """Test that stop() does not wait for a task that survives SIGKILL: TimeoutError with its
     pid and /proc state, and the task stays supervised."""
-    reader, writer = pipe()
-    handle = runtime.spawn(contain_tasks.make_tree, "stuck", args=(writer, "hang"))
-    writer.close()
-    assert reader.poll(DEADLINE)
-    descendants = reader.recv()
-
-    def resist(pid: int, signum: int = signal.SIGKILL) -> None:
-        os.kill(pid, signal.SIGSTOP)
-
-    monkeypatch.setattr(_contain, "kill_tree", resist)
-    monkeypatch.setattr(_monitor, "KILL_WAIT", 0.2)
-    with pytest.raises(TimeoutError, match=rf"pid {handle.pid}: T \(stopped\)"):
-        handle.stop(timeout=0)
-    assert not handle.is_finished()
-    os.kill(handle.pid, signal.SIGKILL)
-    with pytest.raises(TaskCrashedError, match="stopped on request"):
-        handle.join(DEADLINE)
-    _kill(descendants)
-    assert all(_gone(pid, DEADLINE) for pid in descendants)
+    with pytest.raises(TimeoutError, match=rf"pid {unkillable.pid}: T \(stopped\)"):
+        unkillable.stop(timeout=0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import select
 import signal
 import threading
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from procsup import (
 )
 from procsup._monitor import Monitor, TaskRecord
 from tests import tasks
+from tests.conftest import process_gone
 from tests.tasks import DEADLINE
 
 Pipe = Callable[[], tuple[Connection, Connection]]
@@ -31,18 +31,6 @@ Pipe = Callable[[], tuple[Connection, Connection]]
 
 def _supervisor_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "procsup-supervisor"]
-
-
-def _exited(pid: int, timeout: float) -> bool:
-    """Wait for any process (not only a child) to exit, through a pidfd: no polling."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)
 
 
 def test_one_thread_for_many_tasks(runtime: Supervisor) -> None:
@@ -93,7 +81,7 @@ def test_stop_kills_the_whole_tree(runtime: Supervisor, pipe: Pipe) -> None:
     with pytest.raises(TaskCrashedError) as info:
         handle.stop(timeout=0)
     assert info.value.signal == "SIGTERM"
-    assert _exited(grandchild, DEADLINE)
+    assert process_gone(grandchild, DEADLINE)
     assert not parent.is_cancelled()
 
 
