@@ -139,23 +139,26 @@ class Lifecycle:
             self._deadline.cancel()
         error = future.exception()
         value = None if error is not None else future.result()
-        self._emit(_classify(record, error), record.pid, error)
         if error is not None and isinstance(error, CriticalTaskError) and not _stopped(error):
             self.last_failure = error
         self._last = (value, error)
-        if not self.options.restarts:
-            self._finished()
-            return
         with self.lock:
             final = (
-                self._stopping
+                not self.options.restarts
+                or self._stopping
                 or _stopped(error)
                 or self.parent.is_cancelled()
                 or self.sup.closed
                 or (self.options.restart == "transient" and error is None)
             )
-            if final:
+            if final and self.options.restarts:
                 self._stopping = True
+        if final:
+            # Out of tasks() before the event: whoever sees a run's final event sees it gone.
+            self._finished()
+        self._emit(_classify(record, error), record.pid, error)
+        if not self.options.restarts:
+            return
         if final:
             self._publish()
             return
