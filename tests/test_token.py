@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import gc
 import math
 import multiprocessing as mp
@@ -258,18 +259,20 @@ def test_equality_and_hash_by_node() -> None:
     assert root != child
     assert root != root.child_token()
     assert {root, child, root} == {root, child}
+    assert copy.copy(child) is child  # a handle on a node: copying it gives the same handle
+    assert copy.deepcopy([child])[0] is child
 
     multiprocessing.context.set_spawning_popen(FakeSpawn())  # type: ignore[arg-type]
     try:
         data = pickle.dumps(child)
     finally:
         multiprocessing.context.set_spawning_popen(None)
-    copy = pickle.loads(data)
-    assert copy is not child
-    assert copy == child
-    assert hash(copy) == hash(child)
+    rebuilt = pickle.loads(data)
+    assert rebuilt is not child
+    assert rebuilt == child
+    assert hash(rebuilt) == hash(child)
     root.cancel("seen by the copy")
-    assert copy.cause == "seen by the copy"
+    assert rebuilt.cause == "seen by the copy"
 
 
 @pytest.mark.parametrize(
