@@ -13,17 +13,19 @@
 
 Where the orphans of a *dead* task go, and who kills them after the grace period:
 
-- forkserver (procsup's zygote): the zygote is a subreaper too; a dead task's surviving
-  descendants reparent to it, and it kills every child that is not a task after the grace period
-  (``procsup._guardian``).
-- fork and spawn: tasks are children of the user's process, which procsup does not make a
-  subreaper (that would change what the user's own ``wait()`` calls see). Orphans reparent to init
-  (or the nearest subreaper above the supervisor); the zygote, as guardian, kills those still in the
-  dead task's process group after the grace period. A descendant that left the group
-  (``setsid()``, ``setpgid()``, ``start_new_session=True``) *and* outlives a task that died without
-  procsup killing its tree (a crash, or a normal return) escapes. ``stop()``, ``shutdown()`` and a
+- forkserver and spawn (procsup's zygote forks both): the zygote is a subreaper too; a dead
+  task's surviving descendants reparent to it, and it kills every child that is not a task after
+  the grace period (``procsup._guardian``).
+- fork: tasks are children of the user's process, which procsup does not make a subreaper (that
+  would change what the user's own ``wait()`` calls see). Orphans reparent to init (or the nearest
+  subreaper above the supervisor). A task that returns or raises names its live descendants to the
+  zygote (``hand_over()``: "pid start-time" lines on a pipe, checked against pid reuse), and the
+  zygote, as guardian, kills them and whatever is still in the dead task's process group after the
+  grace period. One gap is left: a descendant that left the group (``setsid()``, ``setpgid()``,
+  ``start_new_session=True``) *and* outlives a fork task that died abruptly (a signal, or
+  ``os._exit``) escapes, since nobody can name it any more. ``stop()``, ``shutdown()`` and a
   supervisor death do kill it: the task is still alive then, and a subreaper. Use the default start
-  method where that matters.
+  method for crash-prone work that starts daemons.
 
 Things that don't work
 ----------------------
@@ -48,7 +50,17 @@ import psutil
 
 from procsup import _platform
 
-__all__ = ["ExitInfo", "enter_task", "exit_info", "kill_tree", "reap", "stuck", "tree"]
+__all__ = [
+    "ExitInfo",
+    "enter_task",
+    "exit_info",
+    "hand_over",
+    "heirs",
+    "kill_tree",
+    "reap",
+    "stuck",
+    "tree",
+]
 
 _FREEZE_ROUNDS = 16  # walks before giving up on freezing a tree that keeps growing
 
@@ -81,30 +93,61 @@ def exit_info(status: int, usage: Any | None) -> ExitInfo:
     return ExitInfo(code, core, usage.ru_maxrss * scale, usage.ru_utime + usage.ru_stime)
 
 
+heirs_fd = -1  # in a fork task: the pipe to the guardian (``procsup._zygote.ForkProcess``)
+
+
 def enter_task() -> None:
     """In a task process, before the task runs: keep every descendant below us while we live."""
     _platform.set_child_subreaper()
 
 
-def reap(proc: Any) -> ExitInfo:
-    """Wait for ``proc`` (a lean process or a ``multiprocessing.Process``) and reap it.
+def hand_over() -> None:
+    """In a fork task about to exit: name every live descendant ("pid start-time" lines) to the
+    guardian, which kills them after the grace period. Cheap when there are none."""
+    global heirs_fd
+    fd, heirs_fd = heirs_fd, -1
+    if fd < 0:
+        return
+    try:
+        if _has_children():
+            lines = []
+            for proc in tree(os.getpid()):
+                with contextlib.suppress(psutil.Error):
+                    lines.append(f"{proc.pid} {proc.create_time()!r}\n")
+            os.set_blocking(fd, False)
+            with contextlib.suppress(OSError):  # a full pipe (64 KiB of names): the rest escape
+                os.write(fd, "".join(lines).encode())
+    finally:
+        os.close(fd)
 
-    Lean processes (``procsup._zygote``) know their ``ExitInfo`` once joined; a multiprocessing
-    child is reaped here with ``wait4`` and its Popen told the exit code.
-    """
-    info = getattr(proc, "info", None)
-    if info is None and hasattr(proc, "_popen"):
-        popen = proc._popen
-        if popen is not None and popen.returncode is None:
-            try:
-                _, status, usage = os.wait4(proc.pid, 0)
-            except ChildProcessError:  # reaped by someone else: the status is lost
-                proc.join()
-            else:
-                info = exit_info(status, usage)
-                popen.returncode = info.exitcode
+
+def _has_children() -> bool:
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children") as f:
+                if f.read().strip():
+                    return True
+        return False
+    except OSError:  # no CONFIG_PROC_CHILDREN
+        return True
+
+
+def heirs(data: bytes) -> list[psutil.Process]:
+    """The processes ``hand_over()`` named in ``data`` that still run (pid reuse checked)."""
+    procs = []
+    for line in data.decode(errors="replace").splitlines():
+        with contextlib.suppress(ValueError, psutil.Error):
+            pid, started = line.split()
+            proc = psutil.Process(int(pid))
+            if abs(proc.create_time() - float(started)) < 0.01:
+                procs.append(proc)
+    return procs
+
+
+def reap(proc: Any) -> ExitInfo:
+    """Wait for ``proc`` (a ``procsup._zygote`` lean process) and return how it ended."""
     proc.join()
-    info = info or getattr(proc, "info", None)
+    info: ExitInfo | None = proc.info
     return info or ExitInfo(255 if proc.exitcode is None else proc.exitcode)
 
 

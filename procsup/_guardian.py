@@ -5,13 +5,15 @@
     supervisor process                     zygote (PR_SET_CHILD_SUBREAPER, single-threaded)
     ──────────────────                     ───────────────────────────────────────────────
     spawn(payload, token*, grace) ───────▶ fork ─▶ task (PR_SET_PDEATHSIG=SIGKILL: dies with us)
-    guard(pidfd, token*, grace) ─────────▶ a fork/spawn task: watch its pidfd
-    status pipe ◀── raw status + rusage ─── SIGCHLD ▶ wait4 ▶ Ward.exited()
+                                                     (spawn start method: it execs python)
+    guard(pidfd, heirs, token*, grace) ──▶ a fork task: watch its pidfd
+    status pipe ◀── raw status + rusage ─── SIGCHLD ▶ wait4 ▶ reap()
                                            a dead task's descendants reparent here: every child
                                              that is not a task is an orphan, SIGKILLed (tree and
                                              all) once its task's grace period has passed
-                                           a dead fork/spawn task: its process group's members,
-                                             killed the same way (they reparented to init)
+                                           a dead fork task: what it named on ``heirs`` as it
+                                             returned, and its process group's members, killed
+                                             the same way (they reparented to init)
     ✝ (SIGKILL, exit, crash) ── EOF ─────▶ cancel every ward's token ("supervisor died"),
                                            wait up to the grace period for them to exit,
                                            kill_tree() what is left, reap, exit
@@ -21,12 +23,15 @@
 
 Things that don't work
 ----------------------
-- ``PR_SET_PDEATHSIG`` in every task instead: the signal follows the *thread* that forked the
-  task, so under fork/spawn any short-lived thread of the user that starts a task would kill it on
-  exit; and a signal gives no grace period, where a token cancellation does.
+- ``PR_SET_PDEATHSIG`` in fork tasks instead: the signal follows the *thread* that forked the
+  task, so any short-lived thread of the user that starts a task would kill it on exit; and a
+  signal gives no grace period, where a token cancellation does.
 - A watchdog thread in every task (polling ``getppid()``): a thread per task, and a poll.
 - Letting init adopt a dead task's orphans: nobody would ever kill them. The zygote is a
-  subreaper, so they come to it; a fork/spawn task's orphans do not (see ``procsup._contain``).
+  subreaper, so they come to it; a fork task's orphans do not (see ``procsup._contain``).
+- Spawning with multiprocessing (the user's process the parent): the same gap as fork. The zygote
+  forks spawn tasks too, and the child execs a fresh interpreter prepared as multiprocessing's
+  spawn would (``procsup._zygote_main.fresh_main``).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from typing import Any
 
 import psutil
 
+from procsup import _contain
 from procsup._contain import exit_info, kill_tree
 
 __all__ = ["STATUS", "Guardian", "decode_status"]
@@ -59,23 +65,29 @@ def decode_status(data: bytes) -> Any:
 
 class _Ward:
     """One task the guardian answers for. ``token`` is borrowed; ``fd`` is the status pipe's write
-    end (zygote tasks) or a pidfd (fork/spawn tasks)."""
+    end (zygote tasks) or a pidfd (fork tasks); ``heirs`` (fork tasks) a pipe's read end."""
 
-    __slots__ = ("fd", "grace", "pid", "token")
+    __slots__ = ("fd", "grace", "heirs", "pid", "token")
 
-    def __init__(self, pid: int, fd: int, token: Any, grace: float) -> None:
+    def __init__(self, pid: int, fd: int, token: Any, grace: float, heirs: int = -1) -> None:
         self.pid = pid
         self.fd = fd
         self.token = token
         self.grace = grace
+        self.heirs = heirs  # fork tasks: the pipe on which the task names what it leaves behind
+
+    def close(self) -> None:
+        for fd in (self.fd, self.heirs):
+            if fd >= 0:
+                os.close(fd)
 
 
 class Guardian:
     """Zygote-side state: the wards (tasks), and orphans waiting for their grace period to end.
 
     Invariants: ``children`` maps each live zygote task's pid to its ward, ``watched`` each watched
-    fork/spawn task's pidfd to its ward; ``doomed`` is a heap of ``(deadline, pid, process)``, each
-    an orphan (or group member of a dead fork/spawn task) to kill at ``deadline`` if still running;
+    fork task's pidfd to its ward; ``doomed`` is a heap of ``(deadline, pid, process)``, each
+    an orphan (or group member of a dead fork task) to kill at ``deadline`` if still running;
     ``known`` maps the pids in ``doomed`` to their deadline.
     """
 
@@ -88,13 +100,15 @@ class Guardian:
 
     def fds(self) -> list[int]:
         """Every fd the guardian holds (a forked task closes them)."""
-        return [w.fd for w in self.children.values()] + list(self.watched)
+        watched = [fd for w in self.watched.values() for fd in (w.fd, w.heirs)]
+        return [w.fd for w in self.children.values()] + watched
 
     def add_child(self, pid: int, status_w: int, token: Any, grace: float) -> None:
         self.children[pid] = _Ward(pid, status_w, token, grace)
 
-    def watch(self, pid: int, pidfd: int, token: Any, grace: float) -> None:
-        self.watched[pidfd] = _Ward(pid, pidfd, token, grace)
+    def watch(self, pid: int, pidfd: int, token: Any, grace: float, heirs: int) -> None:
+        os.set_blocking(heirs, False)
+        self.watched[pidfd] = _Ward(pid, pidfd, token, grace, heirs)
 
     def timeout(self) -> float | None:
         """Seconds until the next orphan's deadline, or None."""
@@ -128,9 +142,16 @@ class Guardian:
             self._doom(self._orphans(), max(deadlines))
 
     def watched_exited(self, pidfd: int) -> None:
-        """A fork/spawn task exited: doom what is left of its process group."""
+        """A fork task exited: doom what it named as left behind, and what is left of its
+        process group (a task that crashed named nothing)."""
         ward = self.watched.pop(pidfd)
-        os.close(pidfd)
+        data = b""
+        with contextlib.suppress(OSError):  # EAGAIN: nothing named
+            data = os.read(ward.heirs, 1 << 16)
+        ward.close()
+        deadline = time.monotonic() + ward.grace
+        if data:
+            self._doom(_contain.heirs(data), deadline)
         try:
             os.killpg(ward.pid, 0)
         except OSError:
@@ -140,7 +161,7 @@ class Guardian:
             with contextlib.suppress(OSError, psutil.Error):
                 if proc.pid != ward.pid and os.getpgid(proc.pid) == ward.pid:
                     members.append(proc)
-        self._doom(members, time.monotonic() + ward.grace)
+        self._doom(members, deadline)
 
     def kill_due(self) -> None:
         """SIGKILL (tree and all) every doomed process whose deadline has passed."""
@@ -216,8 +237,7 @@ class Guardian:
         while self.children or self.watched:
             self.reap()
             for fd in [fd for fd in self.watched if _exited(fd)]:
-                ward = self.watched.pop(fd)
-                os.close(ward.fd)
+                self.watched_exited(fd)
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not (self.children or self.watched):
                 break

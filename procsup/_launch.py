@@ -7,16 +7,16 @@
         result pipe, stderr pipe (procsup._stdio), log socket and captured stdout (procsup._child)
         _process(...).start(): a process running _task.main(Prepared(fn, setup), args, kwargs,
                                result writer, token, stderr writer)
-            forkserver: a ZygoteProcess (procsup's preloaded zygote)
-            fork: a ForkProcess; spawn: a multiprocessing Process
-        close our copies of the child's ends; fork/spawn tasks: the zygote guards them too
+            forkserver: a ZygoteProcess (procsup's preloaded zygote forks it)
+            spawn: a ZygoteProcess too (the zygote forks, the child execs a fresh interpreter)
+            fork: a ForkProcess (os.fork() here)
+        close our copies of the child's ends; fork tasks: the zygote guards them too
         TaskRecord ─▶ Monitor.add()  (procsup._monitor)
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing.process
 import os
 import pickle
 import signal
@@ -83,13 +83,10 @@ def launch(
     writer.close()  # so the child holds the only write end we know of
     stderr.close_child_end()
     setup.close()
-    # Reaped by the supervision thread alone (procsup._monitor, "Things that don't work").
-    multiprocessing.process._children.discard(proc)  # type: ignore[attr-defined]
     os.set_blocking(reader.fileno(), False)
-    exit_fd, owned = _platform.exit_notifier(proc, sup._method)
-    if sup._method == "fork" or owned:  # exit_fd is a pidfd: the zygote can watch it
-        _guard(sup, proc.pid, exit_fd, token)
-    task = TaskRecord(description, proc, token, parent, reader, exit_fd, owned)
+    if sup._method == "fork":  # the zygote watches its pidfd (the sentinel)
+        _guard(sup, proc, token)
+    task = TaskRecord(description, proc, token, parent, reader, proc.sentinel)
     task.stderr = stderr
     stderr.pid = task.pid
     if stderr_printer is not None:
@@ -111,24 +108,22 @@ def _process(
 ) -> Any:
     """A not yet started process that will run ``_task.main(*args)``."""
     name = f"procsup: {description}"
-    if sup._method == "forkserver":
-        module = getattr(task_fn, "__module__", None)
-        preload = sup._preload if module in (None, "__main__") else [*sup._preload, module]
-        return ZygoteProcess(
-            _task.main, args, name, preload=preload, token=args[4], grace=sup._grace
-        )
     if sup._method == "fork":
         return ForkProcess(_task.main, args, name)
-    return sup._ctx.Process(target=_task.main, args=args, name=name)  # type: ignore[attr-defined]
+    if sup._method == "spawn":  # the zygote forks and execs a fresh interpreter
+        return ZygoteProcess(_task.main, args, name, token=args[4], grace=sup._grace, fresh=True)
+    module = getattr(task_fn, "__module__", None)
+    preload = sup._preload if module in (None, "__main__") else [*sup._preload, module]
+    return ZygoteProcess(_task.main, args, name, preload=preload, token=args[4], grace=sup._grace)
 
 
-def _guard(sup: Supervisor, pid: int, pidfd: int, token: CancellationToken) -> None:
-    """Make the zygote the guardian of a fork/spawn task (``procsup._guardian``)."""
+def _guard(sup: Supervisor, proc: ForkProcess, token: CancellationToken) -> None:
+    """Make the zygote the guardian of a fork task (``procsup._guardian``)."""
     try:
-        guard(pid, pidfd, token, sup._grace)
+        guard(proc, token, sup._grace)
     except (OSError, RuntimeError) as exc:
         logger.warning(
             "procsup zygote unavailable: task pid %d will not be killed if this process dies (%s)",
-            pid,
+            proc.pid,
             exc,
         )

@@ -24,10 +24,10 @@ Things that don't work
   it lives. Death comes from the exit fd; the result pipe is only drained, never waited to EOF.
 - ``Connection.recv()`` in the thread: one big result would block every other task's supervision.
   Reads are non-blocking and bounded per wake-up (``_READS_PER_WAKE``).
-- Letting ``multiprocessing.active_children()`` or another thread's ``Process.start()`` poll our
-  processes: two concurrent polls of one status fd race, and one of them records exit code 255.
-  Spawned tasks leave ``multiprocessing.process._children`` right after start
-  (``Supervisor._start``); every task is reaped by this thread alone.
+- Starting tasks as ``multiprocessing.Process``: ``multiprocessing.active_children()`` or another
+  thread's ``Process.start()`` polls every child, two concurrent polls of one status fd race, and
+  one of them records exit code 255. procsup's processes (``procsup._zygote``) are not in
+  ``multiprocessing.process._children``; every task is reaped by this thread alone.
 - ``selectors`` with new tasks queued for the thread behind a wake-up byte: every start then pays a
   GIL hand-off to the thread (~1 ms on a loaded 2-core machine). Tasks are registered with the raw
   epoll from the caller's thread instead; the kernel allows it while the thread waits.
@@ -119,7 +119,6 @@ class TaskRecord:
         parent: CancellationToken,
         conn: Connection,
         exit_fd: int,
-        owns_exit_fd: bool,
     ) -> None:
         self.description = description
         self.proc = proc
@@ -128,7 +127,6 @@ class TaskRecord:
         self.parent = parent
         self.conn: Connection | None = conn
         self.exit_fd = exit_fd
-        self.owns_exit_fd = owns_exit_fd
         self.reader = _remote.FrameReader()
         self.outcome: _remote.Returned | CriticalTaskError | None = None
         self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
@@ -152,9 +150,6 @@ class TaskRecord:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
-        if self.owns_exit_fd:
-            self.owns_exit_fd = False
-            os.close(self.exit_fd)
         self.proc.close()
 
 

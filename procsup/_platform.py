@@ -27,7 +27,6 @@ import contextlib
 import os
 import signal
 import sys
-from multiprocessing.process import BaseProcess
 
 import psutil
 
@@ -35,7 +34,6 @@ __all__ = [
     "describe_exit",
     "detach_process_group",
     "enlarge_pipe",
-    "exit_notifier",
     "human_size",
     "proc_state",
     "set_child_subreaper",
@@ -153,20 +151,6 @@ def signal_tree(pid: int, signum: int) -> None:
     for proc in descendants:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             proc.send_signal(signum)
-
-
-def exit_notifier(proc: BaseProcess, start_method: str) -> tuple[int, bool]:
-    """Return ``(fd, owned)``: ``fd`` becomes readable once ``proc`` has exited.
-
-    ``owned`` is True when the caller must close ``fd`` (a pidfd); otherwise it is the process's
-    sentinel, closed by ``proc.close()``.
-    """
-    if start_method == "spawn" and hasattr(os, "pidfd_open"):
-        try:
-            return os.pidfd_open(proc.pid or 0), True
-        except OSError:
-            pass  # ENOSYS (kernel < 5.3) or a seccomp filter: fall back to the sentinel
-    return proc.sentinel, False
 
 
 def enlarge_pipe(fd: int) -> None:

@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
-from procsup._contain import enter_task
+from procsup._contain import enter_task, hand_over
 from procsup._platform import detach_process_group
 from procsup._remote import encode_error, encode_return
 from procsup._stdio import attach
@@ -124,3 +124,4 @@ def main(
         pass
     finally:
         writer.close()
+    hand_over()  # under fork: what we leave behind, for the guardian to kill after the grace

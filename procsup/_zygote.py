@@ -42,6 +42,7 @@ import multiprocessing.connection
 import multiprocessing.context
 import multiprocessing.process
 import multiprocessing.reduction
+import multiprocessing.spawn
 import multiprocessing.util
 import os
 import pickle
@@ -54,6 +55,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from procsup import _contain
 from procsup._contain import ExitInfo, exit_info
 from procsup._guardian import STATUS, decode_status
 from procsup._token import borrow_args
@@ -148,18 +150,30 @@ class _LeanProcess:
 class ForkProcess(_LeanProcess):
     """A direct ``os.fork()`` child; the sentinel is a pidfd, so no grandchild can hold it."""
 
+    heirs = -1  # read end of the pipe on which the task names what it leaves behind
+
     def start(self) -> None:
+        self.heirs, heirs = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child never returns
             code = 1
             try:
+                os.close(self.heirs)
+                _contain.heirs_fd = heirs
                 multiprocessing.process._children = set()  # type: ignore[attr-defined]
                 multiprocessing.util._run_after_forkers()  # type: ignore[attr-defined]
                 code = run_target(self._target, self._args)
             finally:
                 os._exit(code)
+        os.close(heirs)
         self.pid = pid
         self.sentinel = os.pidfd_open(pid)
+
+    def close(self) -> None:
+        super().close()
+        if self.heirs >= 0:
+            os.close(self.heirs)
+            self.heirs = -1
 
     def _collect(self) -> ExitInfo:
         assert self.pid is not None
@@ -178,11 +192,13 @@ class ZygoteProcess(_LeanProcess):
         preload: Sequence[str] = (),
         token: CancellationToken | None = None,
         grace: float = 5.0,
+        fresh: bool = False,
     ) -> None:
         super().__init__(target, args, name)
         self._preload = tuple(preload)
         self._token = token  # the zygote cancels it if the supervisor dies, then kills after grace
         self._grace = grace
+        self._fresh = fresh  # spawn: the zygote's child execs a fresh interpreter
 
     def start(self) -> None:
         buffer = io.BytesIO()
@@ -196,10 +212,23 @@ class ZygoteProcess(_LeanProcess):
                 ward = (self._grace, borrow_args(self._token, self))
         finally:
             multiprocessing.context.set_spawning_popen(None)
+        payload = buffer.getbuffer()
+        if self._fresh:
+            # What multiprocessing's spawn sends its child, plus the interpreter and environment
+            # to exec: the zygote's own are those of this process when it started the zygote.
+            preparation = multiprocessing.spawn.get_preparation_data(self.name)
+            preparation["authkey"] = bytes(preparation["authkey"])  # refuses to pickle otherwise
+            fresh = (
+                multiprocessing.spawn.get_executable(),
+                dict(os.environ),
+                preparation,
+                bytes(payload),
+            )
+            payload = memoryview(pickle.dumps(fresh, pickle.HIGHEST_PROTOCOL))
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         try:
             self.pid = _Zygote.get().spawn(
-                self._preload, buffer.getbuffer(), [write_end, *self._fds], ward
+                self._preload, payload, [write_end, *self._fds], ward, self._fresh
             )
         except BaseException:
             os.close(read_end)
@@ -218,17 +247,24 @@ class ZygoteProcess(_LeanProcess):
         return info
 
 
-def guard(pid: int, pidfd: int, token: CancellationToken, grace: float) -> None:
-    """Make the zygote the guardian of a fork/spawn task: if this process dies, it cancels
-    ``token``, waits ``grace`` seconds, then kills the task's tree; and if the task dies first, it
-    kills what is left of its process group after ``grace``."""
+def guard(proc: ForkProcess, token: CancellationToken, grace: float) -> None:
+    """Make the zygote the guardian of a fork task: if this process dies, it cancels ``token``,
+    waits ``grace`` seconds, then kills the task's tree; and if the task dies first, it kills what
+    is left of its process group, and what the task named on ``proc.heirs``, after ``grace``.
+    Hands ``proc.heirs`` over to the zygote."""
+    assert proc.pid is not None
     collector = _LeanProcess(guard, ())
     multiprocessing.context.set_spawning_popen(collector)  # type: ignore[arg-type]
     try:
         args = borrow_args(token, collector)
     finally:
         multiprocessing.context.set_spawning_popen(None)
-    _Zygote.get().send(("guard", pid, grace, args), [pidfd, *collector._fds])
+    try:
+        message = ("guard", proc.pid, grace, args)
+        _Zygote.get().send(message, [proc.sentinel, proc.heirs, *collector._fds])
+    finally:
+        os.close(proc.heirs)
+        proc.heirs = -1
 
 
 class _Zygote:
@@ -267,7 +303,12 @@ class _Zygote:
             return zygote
 
     def spawn(
-        self, preload: Sequence[str], payload: memoryview, fds: list[int], ward: Any = None
+        self,
+        preload: Sequence[str],
+        payload: memoryview,
+        fds: list[int],
+        ward: Any = None,
+        fresh: bool = False,
     ) -> int:
         if len(fds) > MAX_FDS:
             raise ValueError(f"a task can receive at most {MAX_FDS - 2} file descriptors")
@@ -277,10 +318,10 @@ class _Zygote:
                 memfd = os.memfd_create("procsup-task", os.MFD_CLOEXEC)
                 with open(memfd, "wb", closefd=False) as f:
                     f.write(payload)
-                header: tuple[Any, ...] = ("spawn", list(preload), None, ward)
+                header: tuple[Any, ...] = ("spawn", list(preload), None, ward, fresh)
                 fds = [fds[0], memfd, *fds[1:]]
             else:
-                header = ("spawn", list(preload), bytes(payload), ward)
+                header = ("spawn", list(preload), bytes(payload), ward, fresh)
             reply = self._call(header, fds)
         finally:
             if memfd >= 0:

@@ -68,6 +68,58 @@ def _unpickle_and_run(payload: bytes) -> None:
     target(*args)
 
 
+_FRESH_MAIN = (
+    "import sys; sys.path[:0] = sys.argv[2:]; "
+    "import procsup._zygote_main as z; z.fresh_main(int(sys.argv[1]))"
+)
+
+
+def _exec_fresh(payload: bytes, fds: list[int]) -> None:
+    """In a zygote child, for the spawn start method: exec a fresh interpreter that runs
+    ``fresh_main``, keeping only stdio, the task's fds (same numbers) and a memfd with the rest."""
+    executable, env, preparation, payload = pickle.loads(payload)
+    memfd = os.memfd_create("procsup-spawn", 0)
+    os.write(memfd, pickle.dumps((preparation, fds, payload), pickle.HIGHEST_PROTOCOL))
+    os.lseek(memfd, 0, os.SEEK_SET)
+    keep = sorted({memfd, *fds})
+    low = 3
+    for fd in keep:
+        os.set_inheritable(fd, True)
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+    argv = [executable, "-c", _FRESH_MAIN, str(memfd), *preparation.get("sys_path", [])]
+    os.execve(executable, argv, env)
+
+
+def fresh_main(fd: int) -> None:
+    """A spawn task's interpreter: prepare as multiprocessing's spawn does (``sys.path``, working
+    directory, the main module as ``__mp_main__``), then run the task and ``_exit``."""
+    with open(fd, "rb") as f:
+        preparation, fds, payload = pickle.load(f)
+    code = 1
+    try:
+        inherited[:] = fds
+        code = run_target(_prepare_and_run, (preparation, payload))
+    finally:
+        os._exit(code)
+
+
+def _prepare_and_run(preparation: dict[str, Any], payload: bytes) -> None:
+    import multiprocessing.process
+    import multiprocessing.spawn
+
+    process = multiprocessing.process.current_process()
+    process._inheriting = True  # type: ignore[attr-defined]
+    try:
+        multiprocessing.spawn.prepare(preparation)
+        target, args = pickle.loads(payload)
+    finally:
+        del process._inheriting  # type: ignore[attr-defined]
+    del payload
+    target(*args)
+
+
 def _borrow(args: Any, fds: list[int]) -> tuple[Any, int]:
     """Unpickle a borrowed token in the zygote. Returns it and the fd its arena came with, or -1
     if the zygote adopted that fd as the arena's (then it is the zygote's to keep)."""
@@ -105,12 +157,12 @@ def _serve_request(sock: socket.socket, guardian: Guardian, own: tuple[int, ...]
         return -1
     if message[0] == "guard":
         _, pid, grace, args = message
-        token, spare = _borrow(args, fds[1:])
+        token, spare = _borrow(args, fds[2:])
         if spare >= 0:
             os.close(spare)
-        guardian.watch(pid, fds[0], token, grace)
+        guardian.watch(pid, fds[0], token, grace, fds[1])
         return fds[0]
-    _, preload, payload, ward = message
+    _, preload, payload, ward, fresh = message
     for name in preload:
         if name not in sys.modules:
             with contextlib.suppress(Exception):
@@ -140,6 +192,8 @@ def _serve_request(sock: socket.socket, guardian: Guardian, own: tuple[int, ...]
             _platform.set_parent_death_signal(signal.SIGKILL)
             if os.getppid() != zygote:
                 os._exit(code)
+            if fresh:
+                _exec_fresh(payload, rest)
             # ``spare``: the arena arrived again, but this process maps it already (from us).
             for fd in (*own, status_w, *guardian.fds(), *([spare] if spare >= 0 else [])):
                 os.close(fd)

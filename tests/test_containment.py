@@ -68,7 +68,8 @@ def test_stop_and_shutdown_kill_the_whole_tree_setsid_included(
 
 def test_crash_kills_descendants_after_the_grace_period(start_method: str, pipe: Pipe) -> None:
     """Test that a crashed task's descendants are killed after the grace period: every one under
-    forkserver (the zygote is a subreaper), those still in its process group under fork/spawn."""
+    forkserver and spawn (the zygote, a subreaper, is the task's parent), those still in its
+    process group under fork."""
     reader, writer = pipe()
     sup = Supervisor(start_method=start_method, grace_period=0.2)
     parent = CancellationToken()
@@ -85,12 +86,34 @@ def test_crash_kills_descendants_after_the_grace_period(start_method: str, pipe:
     left_group = [session_leader, session_child]
     try:
         assert all(process_gone(pid, DEADLINE) for pid in in_group)
-        if start_method == "forkserver":
+        if start_method != "fork":
             assert all(process_gone(pid, DEADLINE) for pid in left_group)
     finally:
-        # Under fork/spawn, a descendant that left the group of a *crashed* task reparents to init
-        # and escapes (documented in procsup._contain): clean up after it here.
+        # Under fork, a descendant that left the group of a *crashed* task reparents to init and
+        # escapes (documented in procsup._contain): clean up after it here.
         _kill(left_group)
+        sup.shutdown()
+
+
+def test_descendants_of_a_task_that_returned_are_killed_after_the_grace_period(
+    start_method: str, pipe: Pipe
+) -> None:
+    """Test that every descendant a task leaves behind when it returns, setsid() ones included,
+    is killed after the grace period, under every start method (under fork the task names them
+    to the guardian on its way out)."""
+    reader, writer = pipe()
+    sup = Supervisor(start_method=start_method, grace_period=0.2)
+    handle = sup.spawn(contain_tasks.make_tree, "tree", args=(writer, "return"))
+    writer.close()
+    descendants: list[int] = []
+    try:
+        assert reader.poll(DEADLINE)
+        descendants = reader.recv()
+        assert handle.join(DEADLINE) is None
+        assert len(descendants) == 4
+        assert all(process_gone(pid, DEADLINE) for pid in descendants)
+    finally:
+        _kill(descendants)
         sup.shutdown()
 
 
@@ -148,10 +171,9 @@ def test_supervisor_sigkill_cancels_tokens_then_kills_after_grace(
     ((_, stubborn_descendants),) = [(p, ds) for _, p, ds, honour in ready if not honour]
     # The task ignoring its token lives until the grace period ends, then dies with its tree (it
     # is a subreaper: its setsid() descendants are still below it). The orphans of the task that
-    # returned are killed too under forkserver (they reparent to the zygote, a subreaper).
-    doomed = [*descendants, *stubborn_descendants]
-    if start_method == "forkserver":
-        doomed += [d for ds in descendants.values() for d in ds]
+    # returned are killed too: they reparent to the zygote, a subreaper, or (fork) the task named
+    # them to it on its way out.
+    doomed = [*descendants, *stubborn_descendants, *(d for ds in descendants.values() for d in ds)]
     try:
         assert all(process_gone(pid, DEADLINE) for pid in doomed)
     finally:
