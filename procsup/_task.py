@@ -2,15 +2,17 @@
 
 ::
 
-    supervisor process                               task process (multiprocessing child)
-    ──────────────────                               ────────────────────────────────────
+    supervisor process                               task process (procsup._zygote)
+    ──────────────────                               ──────────────────────────────
     Process(target=main, args=(fn, args,   ──start──▶ main(): SIGINT ignored, own process group,
             kwargs, writer, token, stderr))                 a subreaper, fd 2 := the stderr pipe
                                                             value = fn(token, *args, **kwargs)
     writer closed right after start                         (an awaitable runs in a fresh loop)
                                                             frame = encode_return / encode_error
     supervisor thread reads the pipe   ◀──── frame ──────  os.write(writer) until all is sent
-    and watches the process itself                          return -> exit code 0
+    and watches the process itself                          fork: name what is left below
+                                                            us (_contain.hand_over)
+                                                            return -> exit code 0
 
 The outcome is decided from the frame, and death from the process: a task that dies before its
 frame is complete crashed, whatever it wrote.

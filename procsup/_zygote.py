@@ -154,7 +154,12 @@ class ForkProcess(_LeanProcess):
 
     def start(self) -> None:
         self.heirs, heirs = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except BaseException:
+            os.close(heirs)
+            self.close()
+            raise
         if pid == 0:  # pragma: no cover - the child never returns
             code = 1
             try:

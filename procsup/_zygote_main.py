@@ -89,7 +89,11 @@ def _exec_fresh(payload: bytes, fds: list[int]) -> None:
         low = fd + 1
     os.closerange(low, os.sysconf("SC_OPEN_MAX"))
     argv = [executable, "-c", _FRESH_MAIN, str(memfd), *preparation.get("sys_path", [])]
-    os.execve(executable, argv, env)
+    try:
+        os.execve(executable, argv, env)
+    except OSError as exc:
+        print(f"procsup: cannot start {executable!r} for a spawn task: {exc}", file=sys.stderr)
+        raise
 
 
 def fresh_main(fd: int) -> None:

@@ -83,13 +83,21 @@ def sigkill_self(token: CancellationToken) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def report_cancel_then_hang(token: CancellationToken, report: Connection, honour: bool) -> None:
-    """Report our pid and a setsid() grandchild's; when cancelled, report the cause; then return
-    (``honour``) or hang ignoring SIGTERM."""
+def report_cancel_then_hang(
+    token: CancellationToken,
+    report: Connection,
+    honour: bool,
+    started: CancellationToken | None = None,
+) -> None:
+    """Report our pid and a setsid() grandchild's (and cancel ``started``, if given, to tell the
+    supervisor); when cancelled, report the cause; then return (``honour``) or hang ignoring
+    SIGTERM."""
     descendants = _sleeper(new_session=True)
     if not honour:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # before the handshake
     report.send(("ready", os.getpid(), descendants, honour))
+    if started is not None:
+        started.cancel("ready")
     if token.wait(DEADLINE):
         report.send(("cancelled", token.cause))
     if honour:

@@ -5,7 +5,8 @@
 FD is the write end of a pipe the test reads: the tasks (and the script) report on it.
 
 - ``die``: two tasks, one honouring cancellation and one not, then sleep until SIGKILLed.
-- ``exit``: a task that ignores cancellation, detached; then the interpreter exits normally.
+- ``exit``: a task that ignores cancellation, detached; once it runs, the interpreter exits
+  normally.
 - ``signals``: ``install_signal_handlers()``, a task ignoring cancellation, then wait for the root
   token (first signal) and for the task's outcome (the second signal shuts down).
 """
@@ -16,7 +17,7 @@ import sys
 import time
 from multiprocessing.connection import Connection
 
-from procsup import Supervisor, TaskCrashedError
+from procsup import CancellationToken, Supervisor, TaskCrashedError
 from tests import contain_tasks
 
 DEADLINE = 30.0
@@ -33,8 +34,10 @@ def main(argv: list[str]) -> int:
         time.sleep(DEADLINE)  # block forever: the test SIGKILLs us
         return 1
     if scenario == "exit":
-        sup.spawn(task, "ignores", args=(report, False)).detach()
-        return 0  # atexit shuts the supervisor down
+        started = CancellationToken()
+        sup.spawn(task, "ignores", args=(report, False, started)).detach()
+        # Exit once the task runs (a spawn task may take longer to start than the grace period).
+        return 0 if started.wait(DEADLINE) else 1  # atexit shuts the supervisor down
     sup.install_signal_handlers()
     handle = sup.spawn(task, "ignores", args=(report, False))
     if not sup.token.wait(DEADLINE):
