@@ -27,9 +27,10 @@ the supervisor goes. A spare that dies idle is replaced after the next start, ne
 zygote that only guards fork/spawn tasks never forks one; otherwise one process always waits
 (~2 MiB of unique memory here: it shares the zygote's pages).
 
-A spare that has exited is never handed a request (``waitid(WNOWAIT)`` first). One killed in the
-instant between that check and the hand-over is reported as the task, killed: the signal is its
-exit status (and if the datagram cannot be sent to a live spare, the zygote SIGKILLs it).
+A spare that has exited is never handed a request (``waitid(WNOWAIT)`` first). One killed from
+outside that is still dying (exiting takes about a millisecond here) or dies during the hand-over is
+reported as the task, killed: the signal is its exit status (and if the datagram cannot be sent to
+a live spare, the zygote SIGKILLs it).
 
 Things that don't work
 ----------------------
