@@ -4,17 +4,20 @@
 
     supervisor process                     zygote (PR_SET_CHILD_SUBREAPER, single-threaded)
     ──────────────────                     ───────────────────────────────────────────────
-    spawn(payload, token*, grace) ───────▶ fork ─▶ task (PR_SET_PDEATHSIG=SIGKILL: dies with us)
-                                                     (spawn start method: it execs python)
+    spawn(payload, token*, grace) ───────▶ the spare (or a fork) becomes the task
+                                             (PR_SET_PDEATHSIG=SIGKILL: it dies with us;
+                                              spawn start method: a fork that execs python)
     guard(pidfd, heirs, token*, grace) ──▶ a fork task: watch its pidfd
     status pipe ◀── raw status + rusage ─── SIGCHLD ▶ wait4 ▶ reap()
                                            a dead task's descendants reparent here: every child
-                                             that is not a task is an orphan, SIGKILLed (tree and
-                                             all) once its task's grace period has passed
+                                             that is neither a task nor the spare is an orphan,
+                                             SIGKILLed (tree and all) once its task's grace period
+                                             has passed; a spare that dies is reaped silently
                                            a dead fork task: what it named on ``heirs`` as it
                                              returned, and its process group's members, killed
                                              the same way (they reparented to init)
-    ✝ (SIGKILL, exit, crash) ── EOF ─────▶ cancel every ward's token ("supervisor died"),
+    ✝ (SIGKILL, exit, crash) ── EOF ─────▶ SIGKILL the spare,
+                                           cancel every ward's token ("supervisor died"),
                                            wait up to the grace period for them to exit,
                                            kill_tree() what is left, reap, exit
 
@@ -31,7 +34,7 @@ Things that don't work
   subreaper, so they come to it; a fork task's orphans do not (see ``procsup._contain``).
 - Spawning with multiprocessing (the user's process the parent): the same gap as fork. The zygote
   forks spawn tasks too, and the child execs a fresh interpreter prepared as multiprocessing's
-  spawn would (``procsup._zygote_main.fresh_main``).
+  spawn would (``procsup._spawned``).
 """
 
 from __future__ import annotations
@@ -86,9 +89,10 @@ class Guardian:
     """Zygote-side state: the wards (tasks), and orphans waiting for their grace period to end.
 
     Invariants: ``children`` maps each live zygote task's pid to its ward, ``watched`` each watched
-    fork task's pidfd to its ward; ``doomed`` is a heap of ``(deadline, pid, process)``, each
-    an orphan (or group member of a dead fork task) to kill at ``deadline`` if still running;
-    ``known`` maps the pids in ``doomed`` to their deadline.
+    fork task's pidfd to its ward; ``spares`` holds the pids of unreaped spares (children forked
+    ahead of a request, ``procsup._zygote_main``), never a task's; ``doomed`` is a heap of
+    ``(deadline, pid, process)``, each an orphan (or group member of a dead fork task) to kill at
+    ``deadline`` if still running; ``known`` maps the pids in ``doomed`` to their deadline.
     """
 
     def __init__(self) -> None:
@@ -96,6 +100,7 @@ class Guardian:
         self.watched: dict[int, _Ward] = {}
         self.doomed: list[tuple[float, int, psutil.Process]] = []
         self.known: dict[int, float] = {}
+        self.spares: set[int] = set()
         self.supervisor = os.getppid()
 
     def fds(self) -> list[int]:
@@ -114,9 +119,12 @@ class Guardian:
         """Seconds until the next orphan's deadline, or None."""
         return max(0.0, self.doomed[0][0] - time.monotonic()) if self.doomed else None
 
-    def reap(self) -> None:
-        """Reap every exited child: report tasks on their status pipe, doom new orphans."""
+    def reap(self) -> int:
+        """Reap every exited child: report tasks on their status pipe, doom new orphans.
+
+        Returns how many tasks were reported."""
         deadlines = []
+        reported = 0
         now = time.monotonic()
         while True:
             try:
@@ -125,6 +133,9 @@ class Guardian:
                 break
             if pid == 0:
                 break
+            if pid in self.spares:  # a spare that died before it became a task: no one to tell
+                self.spares.discard(pid)
+                continue
             ward = self.children.pop(pid, None)
             if ward is None:
                 # A doomed orphan exited: its own orphans come to us, on the same deadline.
@@ -138,8 +149,10 @@ class Guardian:
             with contextlib.suppress(OSError):  # EPIPE: the supervisor is gone
                 os.write(ward.fd, STATUS.pack(status, rss, info.cpu_time or 0.0))
             os.close(ward.fd)
+            reported += 1
         if deadlines:
             self._doom(self._orphans(), max(deadlines))
+        return reported
 
     def watched_exited(self, pidfd: int) -> None:
         """A fork task exited: doom what it named as left behind, and what is left of its
@@ -182,7 +195,7 @@ class Guardian:
             pids = [p.pid for p in psutil.Process().children()]
         orphans = []
         for pid in pids:
-            if pid not in self.children and pid not in self.known:
+            if pid not in self.children and pid not in self.known and pid not in self.spares:
                 with contextlib.suppress(psutil.Error):
                     orphans.append(psutil.Process(pid))
         return orphans

@@ -24,9 +24,11 @@ Things that don't work
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import sys
+from typing import Any
 
 import psutil
 
@@ -162,13 +164,20 @@ def enlarge_pipe(fd: int) -> None:
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
 
 
+@functools.cache
+def _libc() -> Any:
+    """The C library, loaded once: a zygote loads it before it forks, so no task pays for it."""
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _prctl(option: int, value: int) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    return bool(libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0) == 0)
+    return bool(_libc().prctl(option, ctypes.c_ulong(value), 0, 0, 0) == 0)
 
 
 def set_child_subreaper() -> bool:

@@ -9,14 +9,24 @@
       tokens, Connections, SemLocks ─ DupFd ─▶ index
       status pipe: keep r, send w ──── sendmsg ─────▶ recvmsg(header + payload, SCM_RIGHTS fds)
                                                       import the task's module (first time only)
-                                                      fork ──▶ child: close the zygote's fds,
-                                                               unpickle, target(*args), _exit
-      pid ◀─────────────────────────── reply ───────  keep the status write end
+      pid ◀─────────────────────────── reply ───────  keep the status write end; the task is
+                                                      the spare, forked ahead and waiting:
+                                                      forward header + fds ──▶ spare: unpickle,
+                                                               target(*args), _exit
+                                                      (no spare: fork ──▶ child: the same)
     sentinel = r: readable when the zygote ◀──────── SIGCHLD ▶ waitpid ▶ write the exit code,
       has reaped the task (or died itself)              close that task's status write end
 
+Every child first closes the zygote's fds. The spare (``procsup._zygote_main``) keeps ``fork()``
+off a start's critical path; the next one is forked once a task exits, or 5 ms after the start.
+
+``ZygoteProcess(fresh=True)`` is ``start_method="spawn"``: the payload also carries the interpreter,
+the environment and multiprocessing's spawn preparation data; the zygote forks a child that execs
+python (``procsup._spawned``), so the zygote is the parent of spawn tasks too.
+
 ``ForkProcess`` is the same contract for ``start_method="fork"``: ``os.fork()`` in the caller, the
-child runs the target directly, and the sentinel is a pidfd.
+child runs the target directly, and the sentinel is a pidfd. It also makes the ``heirs`` pipe on
+which the task names the descendants it leaves behind (``procsup._contain.hand_over``).
 
 Both are ``multiprocessing.Process`` look-alikes (``start``, ``pid``, ``sentinel``, ``join``,
 ``exitcode``, ``close``), so the supervisor treats every start method alike. Both children finish

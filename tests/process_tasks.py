@@ -50,3 +50,19 @@ def fork_holder_then_exit(conn: Connection) -> None:
 def wait_then_report(conn: Connection, token: CancellationToken) -> None:
     conn.send("waiting")
     conn.send(token.wait(30))
+
+
+def report_fds(conn: Connection, token: CancellationToken) -> None:
+    """Send what our fds above 2 point to (sorted, inode numbers cut) and how many token arenas
+    we map."""
+    from procsup._arena import Arena
+
+    targets = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if int(name) > 2 and not target.startswith("/proc/"):  # not listdir's own fd
+            targets.append(target.split("[")[0])
+    conn.send((sorted(targets), len(Arena._registry)))

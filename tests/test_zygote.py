@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +16,7 @@ import pytest
 from procsup import CancellationToken
 from procsup._zygote import ForkProcess, ZygoteProcess, _Zygote
 from tests import process_tasks
+from tests.conftest import process_gone
 
 DEADLINE = 10.0
 STARTERS = {"zygote": ZygoteProcess, "fork": ForkProcess}
@@ -128,3 +131,100 @@ def _start(target: Callable[..., Any], *args: Any) -> ZygoteProcess:
     proc = ZygoteProcess(target, args)
     proc.start()
     return proc
+
+
+def _fresh_zygote() -> psutil.Process:
+    """Replace this process's zygote with a new one, which has no spare yet."""
+    old = _Zygote._instance
+    if old is not None and old._pid == os.getpid():
+        old.close()
+    _Zygote._instance = None
+    return psutil.Process(_Zygote.get()._process.pid)
+
+
+def _spare(zygote: psutil.Process, tasks: set[int]) -> psutil.Process:
+    """Wait for the zygote's spare: its one live child that is none of ``tasks``."""
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        spares = []
+        for child in zygote.children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if child.pid not in tasks and child.status() != psutil.STATUS_ZOMBIE:
+                    spares.append(child)
+        if spares:
+            (spare,) = spares
+            return spare
+        assert time.monotonic() < deadline, "the zygote forked no spare"
+        time.sleep(0.01)  # nothing to block on: when to fork a spare is the zygote's business
+
+
+def _own_fds(arenas: int) -> list[str]:
+    """What ``report_fds`` must see: its pipe, and per token arena the fd and the mmap's own dup."""
+    return ["/memfd:procsup-tokens (deleted)"] * (2 * arenas) + ["pipe:"]
+
+
+def _task_fds(token: CancellationToken) -> tuple[int, list[str], int]:
+    """Start a task on ``token`` that reports its fds; its pid, fd targets and arena count."""
+    reader, writer = mp.Pipe(duplex=False)
+    proc = ZygoteProcess(process_tasks.report_fds, (writer, token), token=token)
+    proc.start()
+    writer.close()
+    assert reader.poll(DEADLINE)
+    targets, arenas = reader.recv()
+    reader.close()
+    pid = proc.pid
+    assert pid is not None
+    assert finish(proc) == 0
+    return pid, targets, arenas
+
+
+def test_the_next_start_takes_the_spare_and_a_dead_spare_is_replaced() -> None:
+    """Test that the zygote forks a spare after a start and the next start is that process; that
+    a task holds only its own fds (its pipe, one per token arena) whether it was the spare or was
+    forked; and that a spare that died idle is passed over (the start forks), then replaced."""
+    zygote = _fresh_zygote()
+    token = CancellationToken()
+    reader, writer = mp.Pipe(duplex=False)
+    # A live task: the zygote holds its status pipe while it forks, and no other task may.
+    holder = ZygoteProcess(process_tasks.wait_then_report, (writer, token), token=token)
+    holder.start()
+    writer.close()
+    assert holder.pid is not None
+    try:
+        assert reader.poll(DEADLINE)
+        assert reader.recv() == "waiting"
+        spare = _spare(zygote, {holder.pid})
+        pid, targets, arenas = _task_fds(token)
+        assert pid == spare.pid
+        assert targets == _own_fds(arenas)
+        dead = _spare(zygote, {holder.pid, pid})
+        dead.kill()
+        assert process_gone(dead.pid, DEADLINE)
+        pid, targets, arenas = _task_fds(token)
+        assert pid != dead.pid
+        assert targets == _own_fds(arenas)
+        _spare(zygote, {holder.pid, pid})
+        token.cancel()
+        assert reader.poll(DEADLINE)
+        assert reader.recv() is True
+        assert finish(holder) == 0
+    finally:
+        token.cancel()
+        reader.close()
+        holder.join(DEADLINE)
+        holder.close()
+
+
+def test_a_zygote_whose_supervisor_is_gone_leaves_no_spare() -> None:
+    """Test that when the zygote's socket closes (its supervisor is gone), its spare dies too."""
+    zygote = _fresh_zygote()
+    proc = _start(process_tasks.exit_with, 0)
+    assert proc.pid is not None
+    assert finish(proc) == 0
+    spare = _spare(zygote, {proc.pid})
+    instance = _Zygote._instance
+    assert instance is not None
+    instance.close()
+    _Zygote._instance = None
+    assert process_gone(spare.pid, DEADLINE)
+    assert process_gone(zygote.pid, DEADLINE)
