@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
 import time
 from multiprocessing.connection import Connection
 
@@ -66,3 +67,10 @@ def report_fds(conn: Connection, token: CancellationToken) -> None:
         if int(name) > 2 and not target.startswith("/proc/"):  # not listdir's own fd
             targets.append(target.split("[")[0])
     conn.send((sorted(targets), len(Arena._registry)))
+
+
+def report_origin(conn: Connection, variable: str) -> None:
+    """Send our parent's pid, ``variable`` from our environment, our working directory, and
+    whether the zygote's code is loaded here (it is in a forked child, not in a fresh one)."""
+    forked = "procsup._zygote_main" in sys.modules
+    conn.send((os.getppid(), os.environ.get(variable), os.getcwd(), forked))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing as mp
 import os
 import signal
@@ -19,7 +20,11 @@ from tests import process_tasks
 from tests.conftest import process_gone
 
 DEADLINE = 10.0
-STARTERS = {"zygote": ZygoteProcess, "fork": ForkProcess}
+STARTERS: dict[str, Callable[..., Any]] = {
+    "zygote": ZygoteProcess,
+    "spawn": functools.partial(ZygoteProcess, fresh=True),
+    "fork": ForkProcess,
+}
 
 
 @pytest.fixture(params=list(STARTERS))
@@ -125,6 +130,32 @@ def test_zygote_death_fires_sentinels_kills_its_tasks_and_a_new_zygote_starts() 
     reader.close()
     assert finish(_start(process_tasks.exit_with, 0)) == 0
     assert _Zygote.get()._process.pid != old
+
+
+def test_a_spawn_task_is_a_fresh_interpreter_forked_by_the_zygote(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Test that a spawn task (fresh=True) is the zygote's child yet a fresh interpreter, with the
+    environment and working directory of the moment it was started, not the zygote's."""
+    zygote = _Zygote.get()
+    monkeypatch.setenv("PROCSUP_TEST_ORIGIN", "set after the zygote started")
+    monkeypatch.chdir(tmp_path)
+    results = []
+    for fresh in (True, False):
+        reader, writer = mp.Pipe(duplex=False)
+        proc = ZygoteProcess(
+            process_tasks.report_origin, (writer, "PROCSUP_TEST_ORIGIN"), fresh=fresh
+        )
+        proc.start()
+        writer.close()
+        assert reader.poll(DEADLINE)
+        results.append(reader.recv())
+        reader.close()
+        assert finish(proc) == 0
+    spawned, forked = results
+    assert spawned == (zygote._process.pid, "set after the zygote started", str(tmp_path), False)
+    assert forked[0] == zygote._process.pid
+    assert forked[3]
 
 
 def _start(target: Callable[..., Any], *args: Any) -> ZygoteProcess:
