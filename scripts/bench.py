@@ -261,10 +261,16 @@ def bench_start_latency(runs: int) -> list[Row]:
             runs,
         )
     name = "trivial task, start to result, default start method"
+    forked = "trivial task, start to result, fork"
+    raw = "raw os.fork + waitpid"
+    # No targets on the last two: they show how far the floors are apart on this machine (the
+    # issue's targets assumed pebble at ~7.4x the raw fork, where the fork row means <= 5.5x).
     return [
         Row(name, ms["default"], "ms", ms["pebble"], "pebble @concurrent.process", 1.0),
-        Row(name, ms["default"], "ms", ms["raw"], "raw os.fork + waitpid", 6.0),
-        Row("trivial task, start to result, fork", ms["fork"], "ms", ms["pebble"], "pebble", 0.75),
+        Row(name, ms["default"], "ms", ms["raw"], raw, 6.0),
+        Row(forked, ms["fork"], "ms", ms["pebble"], "pebble", 0.75),
+        Row(forked, ms["fork"], "ms", ms["raw"], raw),
+        Row("pebble @concurrent.process, start to result", ms["pebble"], "ms", ms["raw"], raw),
     ]
 
 
