@@ -6,8 +6,11 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -19,6 +22,7 @@ from tests import process_tasks
 from tests.conftest import process_gone
 
 DEADLINE = 10.0
+ROOT = Path(__file__).resolve().parents[1]
 STARTERS = {"zygote": ZygoteProcess, "fork": ForkProcess}
 
 
@@ -228,3 +232,14 @@ def test_a_zygote_whose_supervisor_is_gone_leaves_no_spare() -> None:
     _Zygote._instance = None
     assert process_gone(spare.pid, DEADLINE)
     assert process_gone(zygote.pid, DEADLINE)
+
+
+def test_importing_procsup_leaves_asyncio_out_of_the_zygote() -> None:
+    """Test that neither ``import procsup`` nor the zygote's own module imports asyncio: every task
+    forked from the zygote would inherit its pages (ssl with it, ~5 MB)."""
+    code = (
+        "import sys, procsup, procsup._zygote_main\n"
+        "heavy = sorted(name for name in ('asyncio', 'ssl') if name in sys.modules)\n"
+        "assert not heavy, f'import procsup imported {heavy}'"
+    )
+    subprocess.run([sys.executable, "-c", code], timeout=DEADLINE, cwd=ROOT, check=True)
