@@ -1,10 +1,16 @@
-"""Asyncio helpers: blocking supervisor calls run off the event loop, never on it."""
+"""Asyncio helpers: blocking supervisor calls run off the event loop, never on it.
+
+asyncio (ssl with it: ~5 MB of the zygote's RSS) is imported when an async API is first used,
+never by ``import procsup``: every task forked from the zygote would pay for its pages.
+"""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["off_loop"]
 
@@ -25,6 +31,8 @@ async def off_loop(start: Callable[[], H]) -> H:
     nobody will receive is then cancelled and detached, so it is neither leaked nor reported as
     dropped.
     """
+    import asyncio
+
     started = asyncio.get_running_loop().run_in_executor(None, start)
     try:
         return await asyncio.shield(started)

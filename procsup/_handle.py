@@ -16,7 +16,6 @@ Things that don't work
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
@@ -223,11 +222,15 @@ class CriticalTaskExecutionHandle(Generic[T]):
         Cancelling the awaiting coroutine (e.g. ``asyncio.wait_for`` timing out) cancels nothing in
         the task.
         """
+        import asyncio  # not at module level: see procsup._aio
+
         self._detached = True
         return await asyncio.wrap_future(self._life.future)
 
     async def stop_async(self, timeout: float | None = 5.0) -> T:
         """Asyncio form of ``stop()``: the waits and signals happen without blocking the loop."""
+        import asyncio
+
         wait = check_timeout(timeout)
         self._detached = True
         self._life.cancel(f"Critical task '{self.description}' stop requested")

@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
 import os
 import pickle
@@ -108,12 +110,19 @@ def _process(
 ) -> Any:
     """A not yet started process that will run ``_task.main(*args)``."""
     name = f"procsup: {description}"
+    # An async task needs asyncio, which ``import procsup`` leaves out (procsup._aio): have it
+    # imported where tasks are forked from, once, rather than in every task.
+    needs = ["asyncio"] if inspect.iscoroutinefunction(task_fn) else []
     if sup._method == "fork":
+        for needed in needs:
+            importlib.import_module(needed)
         return ForkProcess(_task.main, args, name)
     if sup._method == "spawn":  # the zygote forks and execs a fresh interpreter
         return ZygoteProcess(_task.main, args, name, token=args[4], grace=sup._grace, fresh=True)
     module = getattr(task_fn, "__module__", None)
-    preload = sup._preload if module in (None, "__main__") else [*sup._preload, module]
+    preload = [*sup._preload, *needs]
+    if module not in (None, "__main__"):
+        preload.append(module)
     return ZygoteProcess(_task.main, args, name, preload=preload, token=args[4], grace=sup._grace)
 
 

@@ -21,7 +21,6 @@ Things that don't work
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import logging
@@ -33,6 +32,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    import asyncio
+
     from procsup._errors import CriticalTaskError
     from procsup._restart import Lifecycle
 
@@ -151,6 +152,8 @@ class EventStream:
 
     async def get_async(self) -> TaskEvent:
         """Asyncio form of ``get()`` with no timeout (wrap it in ``asyncio.wait_for``)."""
+        import asyncio  # not at module level: see procsup._aio
+
         loop = asyncio.get_running_loop()
         while True:
             with self._cond:

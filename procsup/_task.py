@@ -31,7 +31,6 @@ Things that don't work
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import os
 import pickle
@@ -64,6 +63,8 @@ def _outcome(
     try:
         value = task_fn(token, *args, **kwargs)
         if inspect.isawaitable(value):
+            import asyncio  # only for async tasks: see procsup._aio
+
             value = asyncio.run(_await(value))
     except SystemExit as exc:
         # sys.exit() and sys.exit(0) are how scripts say "done": a success, as for the interpreter.

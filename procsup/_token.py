@@ -7,7 +7,6 @@ Here: the public handle, its blocking and asyncio waits, and how it crosses into
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import multiprocessing.context
@@ -17,10 +16,13 @@ import threading
 import time
 from collections.abc import Awaitable, Coroutine
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from procsup._arena import CAUSE, DEFAULT_REASON, HINT, SLOT_WORDS, Arena
 from procsup._futex import futex_wait, futex_wake
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["CancellationToken", "DropGuard", "borrow_args", "borrowed", "check_timeout", "prune"]
 
@@ -194,6 +196,8 @@ class CancellationToken:
 
     async def cancelled(self) -> None:
         """Wait, without blocking the event loop, until this token is cancelled."""
+        import asyncio  # not at module level: see procsup._aio
+
         if self.is_cancelled():
             return
         loop = asyncio.get_running_loop()
@@ -236,6 +240,8 @@ class CancellationToken:
             if isinstance(aw, Coroutine):
                 aw.close()
             return None
+        import asyncio
+
         work: asyncio.Future[T] = asyncio.ensure_future(aw)
         watcher = asyncio.ensure_future(self.cancelled())
         try:

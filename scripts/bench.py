@@ -27,7 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import bench_tasks  # beside this script
+import bench_pebble  # beside this script
+import bench_tasks
 import psutil
 
 from procsup import CancellationToken, Supervisor
@@ -254,7 +255,7 @@ def bench_start_latency(runs: int) -> list[Row]:
         ms = _interleaved_ms(
             {
                 "raw": _raw_fork,
-                "pebble": lambda: bench_tasks.trivial_pebble().result(),
+                "pebble": lambda: bench_pebble.trivial_pebble().result(),
                 "default": lambda: default.spawn(bench_tasks.trivial, "t").join(),
                 "fork": lambda: fork.spawn(bench_tasks.trivial, "t").join(),
             },

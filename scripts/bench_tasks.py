@@ -8,19 +8,12 @@ import struct
 import time
 from multiprocessing.connection import Connection
 
-from pebble import concurrent
-
 from procsup import CancellationToken
 
 STAMP = struct.Struct("d")
 
 
 def trivial(token: CancellationToken) -> int:
-    return 1
-
-
-@concurrent.process
-def trivial_pebble() -> int:
     return 1
 
 

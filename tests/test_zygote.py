@@ -7,8 +7,12 @@ import functools
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -20,6 +24,7 @@ from tests import process_tasks
 from tests.conftest import process_gone
 
 DEADLINE = 10.0
+ROOT = Path(__file__).resolve().parents[1]
 STARTERS: dict[str, Callable[..., Any]] = {
     "zygote": ZygoteProcess,
     "spawn": functools.partial(ZygoteProcess, fresh=True),
@@ -259,3 +264,46 @@ def test_a_zygote_whose_supervisor_is_gone_leaves_no_spare() -> None:
     _Zygote._instance = None
     assert process_gone(spare.pid, DEADLINE)
     assert process_gone(zygote.pid, DEADLINE)
+
+
+def test_importing_procsup_leaves_asyncio_out_of_the_zygote() -> None:
+    """Test that neither ``import procsup`` nor the zygote's own module imports asyncio: every task
+    forked from the zygote would inherit its pages (ssl with it, ~5 MB)."""
+    code = (
+        "import sys, procsup, procsup._zygote_main\n"
+        "heavy = sorted(name for name in ('asyncio', 'ssl') if name in sys.modules)\n"
+        "assert not heavy, f'import procsup imported {heavy}'"
+    )
+    subprocess.run([sys.executable, "-c", code], timeout=DEADLINE, cwd=ROOT, check=True)
+
+
+def test_the_zygote_imports_asyncio_for_the_first_async_task_only() -> None:
+    """Test, in a fresh supervisor process, that a sync task leaves asyncio out of the zygote, and
+    that an async task from a module that does not import asyncio still runs, and has the zygote
+    import asyncio once for the tasks forked after it."""
+    code = textwrap.dedent(
+        """
+        import sys, time
+        import psutil
+        from procsup import Supervisor
+        from tests import asyncless_tasks as tasks
+
+        def zygote_has_asyncio():
+            children = psutil.Process().children()
+            (zygote,) = [p for p in children if "procsup._zygote_main" in " ".join(p.cmdline())]
+            with open(f"/proc/{zygote.pid}/maps") as maps:
+                return "/_asyncio." in maps.read()
+
+        with Supervisor() as sup:
+            assert sup.spawn(tasks.value, "sync", args=(1,)).join(10) == 1
+            assert not zygote_has_asyncio(), "the zygote imported asyncio for a sync task"
+            assert sup.spawn(tasks.async_value, "async", args=(2,)).join(10) == 2
+            deadline = time.monotonic() + 10
+            while not zygote_has_asyncio():
+                assert time.monotonic() < deadline, "the zygote did not import asyncio"
+                time.sleep(0.01)
+            assert sup.spawn(tasks.async_value, "async", args=(3,)).join(10) == 3
+        assert "asyncio" not in sys.modules, "the supervisor imported asyncio"
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], timeout=30, cwd=ROOT, check=True)
