@@ -110,13 +110,13 @@ def hand_over() -> None:
         return
     try:
         if _has_children():
-            lines = []
+            lines = [""]  # ends any line a descendant may have left unfinished on the pipe
             for proc in tree(os.getpid()):
                 with contextlib.suppress(psutil.Error):
-                    lines.append(f"{proc.pid} {proc.create_time()!r}\n")
+                    lines.append(f"{proc.pid} {proc.create_time()!r}")
             os.set_blocking(fd, False)
             with contextlib.suppress(OSError):  # a full pipe (64 KiB of names): the rest escape
-                os.write(fd, "".join(lines).encode())
+                os.write(fd, "\n".join([*lines, ""]).encode())
     finally:
         os.close(fd)
 

@@ -4,7 +4,7 @@
 
     supervisor: ZygoteProcess(fresh=True)          zygote                fresh interpreter
     ────────────────────────────────────           ──────                ─────────────────
-    payload = (executable, os.environ,  ─ spawn ─▶ fork ─▶ exec_fresh(): memfd := (preparation,
+    payload = (python + its flags,      ─ spawn ─▶ fork ─▶ exec_fresh(): memfd := (preparation,
       spawn.get_preparation_data(),                         fds, payload); close every other fd;
       pickled (target, args))                               execve(python -c "...fresh_main(memfd)")
                                                                  ──▶ fresh_main(): spawn.prepare()
@@ -42,7 +42,7 @@ _FRESH_MAIN = (
 def exec_fresh(payload: bytes, fds: list[int]) -> None:
     """In a zygote child, for the spawn start method: exec a fresh interpreter that runs
     ``fresh_main``, keeping only stdio, the task's fds (same numbers) and a memfd with the rest."""
-    executable, env, preparation, payload = pickle.loads(payload)
+    command, env, preparation, payload = pickle.loads(payload)  # the interpreter and its flags
     memfd = os.memfd_create("procsup-spawn", 0)
     os.write(memfd, pickle.dumps((preparation, fds, payload), pickle.HIGHEST_PROTOCOL))
     os.lseek(memfd, 0, os.SEEK_SET)
@@ -53,11 +53,11 @@ def exec_fresh(payload: bytes, fds: list[int]) -> None:
         os.closerange(low, fd)
         low = fd + 1
     os.closerange(low, os.sysconf("SC_OPEN_MAX"))
-    argv = [executable, "-c", _FRESH_MAIN, str(memfd), *preparation.get("sys_path", [])]
+    argv = [*command, "-c", _FRESH_MAIN, str(memfd), *preparation.get("sys_path", [])]
     try:
-        os.execve(executable, argv, env)
+        os.execve(command[0], argv, env)
     except OSError as exc:
-        print(f"procsup: cannot start {executable!r} for a spawn task: {exc}", file=sys.stderr)
+        print(f"procsup: cannot start {command[0]!r} for a spawn task: {exc}", file=sys.stderr)
         raise
 
 

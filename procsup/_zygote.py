@@ -229,12 +229,14 @@ class ZygoteProcess(_LeanProcess):
             multiprocessing.context.set_spawning_popen(None)
         payload = buffer.getbuffer()
         if self._fresh:
-            # What multiprocessing's spawn sends its child, plus the interpreter and environment
-            # to exec: the zygote's own are those of this process when it started the zygote.
+            # What multiprocessing's spawn sends its child, plus the interpreter (with this one's
+            # -O, -X, -W flags, as multiprocessing passes them) and environment to exec: the
+            # zygote's own are those of this process when it started the zygote.
             preparation = multiprocessing.spawn.get_preparation_data(self.name)
             preparation["authkey"] = bytes(preparation["authkey"])  # refuses to pickle otherwise
+            flags = multiprocessing.util._args_from_interpreter_flags()  # type: ignore[attr-defined]
             fresh = (
-                multiprocessing.spawn.get_executable(),
+                [multiprocessing.spawn.get_executable(), *flags],
                 dict(os.environ),
                 preparation,
                 bytes(payload),
@@ -242,7 +244,9 @@ class ZygoteProcess(_LeanProcess):
             payload = memoryview(pickle.dumps(fresh, pickle.HIGHEST_PROTOCOL))
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         try:
-            self.pid = _Zygote.get().spawn(
+            zygote = _Zygote.get()
+            zygote.sync_path()
+            self.pid = zygote.spawn(
                 self._preload, payload, [write_end, *self._fds], ward, self._fresh
             )
         except BaseException:
@@ -305,7 +309,16 @@ class _Zygote:
             close_fds=True,
         )
         theirs.close()
-        self._call(("path", list(sys.path)), [])
+        self._path: list[str] = []
+        self.sync_path()
+
+    def sync_path(self) -> None:
+        """Give the zygote this process's ``sys.path`` if it changed since it last got it, so a
+        task module importable only through a later entry is found."""
+        if sys.path != self._path:
+            path = list(sys.path)
+            self._call(("path", path), [])
+            self._path = path
 
     @classmethod
     def get(cls) -> _Zygote:
@@ -325,8 +338,12 @@ class _Zygote:
         ward: Any = None,
         fresh: bool = False,
     ) -> int:
-        if len(fds) > MAX_FDS:
-            raise ValueError(f"a task can receive at most {MAX_FDS - 2} file descriptors")
+        total = len(fds) + (len(payload) > _INLINE)  # a big payload travels in one more fd
+        if total > MAX_FDS:
+            raise ValueError(
+                f"a task can be given at most {MAX_FDS} file descriptors, procsup's own pipes "
+                f"included; this one needs {total}"
+            )
         memfd = -1
         try:
             if len(payload) > _INLINE:

@@ -155,6 +155,7 @@ class _Server:
         message = pickle.loads(data)
         if message[0] == "path":
             sys.path[:] = message[1]
+            self.drop_spare(kill=False)  # it has the old path; the next start forks afresh
             self.sock.send(pickle.dumps(("ok",)))
             return -1
         if message[0] == "guard":

@@ -74,3 +74,7 @@ def report_origin(conn: Connection, variable: str) -> None:
     whether the zygote's code is loaded here (it is in a forked child, not in a fresh one)."""
     forked = "procsup._zygote_main" in sys.modules
     conn.send((os.getppid(), os.environ.get(variable), os.getcwd(), forked))
+
+
+def report_flags(conn: Connection) -> None:
+    conn.send((sys.flags.optimize, sys.flags.dev_mode, sys.warnoptions))

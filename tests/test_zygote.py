@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import multiprocessing as mp
@@ -161,6 +162,71 @@ def test_a_spawn_task_is_a_fresh_interpreter_forked_by_the_zygote(
     assert spawned == (zygote._process.pid, "set after the zygote started", str(tmp_path), False)
     assert forked[0] == zygote._process.pid
     assert forked[3]
+
+
+def test_a_spawn_task_runs_with_the_interpreter_flags_of_its_supervisor() -> None:
+    """Test that -O, -X dev and -W reach a spawn task, as multiprocessing's spawn passes them."""
+    script = textwrap.dedent(
+        """
+        import multiprocessing as mp
+        from procsup._zygote import ZygoteProcess
+        from tests import process_tasks
+        reader, writer = mp.Pipe(duplex=False)
+        proc = ZygoteProcess(process_tasks.report_flags, (writer,), fresh=True)
+        proc.start()
+        writer.close()
+        assert reader.poll(10)
+        print(reader.recv())
+        proc.join(10)
+        """
+    )
+    flags = ["-O", "-X", "dev", "-W", "error::DeprecationWarning"]
+    out = subprocess.run(
+        [sys.executable, *flags, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE * 3,
+        check=True,
+    )
+    optimize, dev_mode, warnings = ast.literal_eval(out.stdout.strip())
+    assert (optimize, dev_mode) == (1, True)
+    assert "error::DeprecationWarning" in warnings
+
+
+def test_too_many_fds_for_one_task_raise_before_anything_starts() -> None:
+    """Test that a start needing more fds than one message carries (a big payload takes one
+    more) raises ValueError up front, instead of a task missing its last fd."""
+    pipes = [mp.Pipe(duplex=False) for _ in range(249)]
+    try:
+        proc = ZygoteProcess(process_tasks.echo, ([w for _, w in pipes], b"x" * 100_000))
+        with pytest.raises(ValueError, match="at most 250 file descriptors"):
+            proc.start()
+        assert proc.pid is None
+    finally:
+        for reader, writer in pipes:
+            reader.close()
+            writer.close()
+
+
+def test_a_module_on_a_path_added_after_the_zygote_started_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Test that the zygote gets sys.path again when it changed, so a task module importable only
+    through a later entry runs."""
+    _Zygote.get()
+    (tmp_path / "procsup_late_module.py").write_text("def send(conn):\n    conn.send('late')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import procsup_late_module  # type: ignore[import-not-found]
+
+    reader, writer = mp.Pipe(duplex=False)
+    proc = ZygoteProcess(procsup_late_module.send, (writer,))
+    proc.start()
+    writer.close()
+    assert reader.poll(DEADLINE)
+    assert reader.recv() == "late"
+    reader.close()
+    assert finish(proc) == 0
 
 
 def _start(target: Callable[..., Any], *args: Any) -> ZygoteProcess:
