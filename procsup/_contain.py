@@ -18,10 +18,11 @@ Where the orphans of a *dead* task go, and who kills them after the grace period
   the grace period (``procsup._guardian``).
 - fork: tasks are children of the user's process, which procsup does not make a subreaper (that
   would change what the user's own ``wait()`` calls see). Orphans reparent to init (or the nearest
-  subreaper above the supervisor). A task that returns or raises names its live descendants to the
-  zygote (``hand_over()``: "pid start-time" lines on a pipe, checked against pid reuse), and the
-  zygote, as guardian, kills them and whatever is still in the dead task's process group after the
-  grace period. One gap is left: a descendant that left the group (``setsid()``, ``setpgid()``,
+  subreaper above the supervisor). A task that returns or raises names its live descendants and
+  their process groups to the zygote (``hand_over()``: lines on a pipe, start times against pid
+  reuse), and the zygote, as guardian, kills them after the grace period, and the dead task's
+  group and theirs whole (``kill_group``: a process that forks and exits to change its pid stays
+  in its group). One gap is left: a descendant that left the group (``setsid()``, ``setpgid()``,
   ``start_new_session=True``) *and* outlives a fork task that died abruptly (a signal, or
   ``os._exit``) escapes, since nobody can name it any more. ``stop()``, ``shutdown()`` and a
   supervisor death do kill it: the task is still alive then, and a subreaper. Use the default start
@@ -29,6 +30,8 @@ Where the orphans of a *dead* task go, and who kills them after the grace period
 
 Things that don't work
 ----------------------
+- One /proc scan per tree when many die at once (200 orphans of one task): the zygote, single-
+  threaded, stalled starts for seconds. ``kill_trees`` walks all of them in one scan per round.
 - Signalling a tree in one pass: a process that forks between the walk and the signal (a fork bomb,
   a shell starting its pipeline) has a child nobody saw. SIGSTOP first, walk again until the walk
   finds nothing new, then SIGKILL.
@@ -56,7 +59,9 @@ __all__ = [
     "exit_info",
     "hand_over",
     "heirs",
+    "kill_group",
     "kill_tree",
+    "kill_trees",
     "reap",
     "stuck",
     "tree",
@@ -102,8 +107,9 @@ def enter_task() -> None:
 
 
 def hand_over() -> None:
-    """In a fork task about to exit: name every live descendant ("pid start-time" lines) to the
-    guardian, which kills them after the grace period. Cheap when there are none."""
+    """In a fork task about to exit: name every live descendant ("p pid start-time" lines) and
+    the process groups they are in ("g pgid leader's-start-time-or--") to the guardian, which
+    kills them after the grace period. Cheap when there are none."""
     global heirs_fd
     fd, heirs_fd = heirs_fd, -1
     if fd < 0:
@@ -111,9 +117,23 @@ def hand_over() -> None:
     try:
         if _has_children():
             lines = [""]  # ends any line a descendant may have left unfinished on the pipe
+            pids, groups = set(), set()
             for proc in tree(os.getpid()):
-                with contextlib.suppress(psutil.Error):
-                    lines.append(f"{proc.pid} {proc.create_time()!r}")
+                with contextlib.suppress(OSError, psutil.Error):
+                    lines.append(f"p {proc.pid} {proc.create_time()!r}")
+                    pids.add(proc.pid)
+                    groups.add(os.getpgid(proc.pid))
+            for pgid in groups - {os.getpgid(0)}:  # our own group is the guardian's already
+                # Only groups led by one of ours, or whose leader is gone: never one led by a
+                # process outside our tree (a descendant may have joined our parent's group).
+                try:
+                    leader = repr(psutil.Process(pgid).create_time())
+                except psutil.NoSuchProcess:
+                    leader = "-"
+                except psutil.Error:
+                    continue
+                if leader == "-" or pgid in pids:
+                    lines.append(f"g {pgid} {leader}")
             os.set_blocking(fd, False)
             with contextlib.suppress(OSError):  # a full pipe (64 KiB of names): the rest escape
                 os.write(fd, "\n".join([*lines, ""]).encode())
@@ -132,16 +152,20 @@ def _has_children() -> bool:
         return True
 
 
-def heirs(data: bytes) -> list[psutil.Process]:
-    """The processes ``hand_over()`` named in ``data`` that still run (pid reuse checked)."""
-    procs = []
+def heirs(data: bytes) -> tuple[list[psutil.Process], dict[int, float | None]]:
+    """What ``hand_over()`` named in ``data``: the processes that still run (pid reuse checked),
+    and each group with its leader's start time (None: the leader was gone)."""
+    procs, groups = [], {}
     for line in data.decode(errors="replace").splitlines():
         with contextlib.suppress(ValueError, psutil.Error):
-            pid, started = line.split()
-            proc = psutil.Process(int(pid))
-            if abs(proc.create_time() - float(started)) < 0.01:
-                procs.append(proc)
-    return procs
+            kind, number, started = line.split()
+            if kind == "g":
+                groups[int(number)] = None if started == "-" else float(started)
+            elif kind == "p":
+                proc = psutil.Process(int(number))
+                if abs(proc.create_time() - float(started)) < 0.01:
+                    procs.append(proc)
+    return procs, groups
 
 
 def reap(proc: Any) -> ExitInfo:
@@ -168,8 +192,7 @@ def _send(proc: psutil.Process, signum: int) -> None:
 def kill_tree(pid: int, signum: int = signal.SIGKILL) -> None:
     """Send ``signum`` to ``pid``, its process group and every descendant; never raises.
 
-    For SIGKILL the tree is frozen first (SIGSTOP, walked again until nothing new appears), so a
-    process forking at the wrong moment cannot leave a child behind.
+    For SIGKILL the tree is frozen first (``kill_trees``).
     """
     if signum != signal.SIGKILL or sys.platform == "win32":
         _platform.signal_tree(pid, signum)
@@ -179,18 +202,87 @@ def kill_tree(pid: int, signum: int = signal.SIGKILL) -> None:
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         _platform.signal_tree(pid, signum)
         return
-    seen: dict[int, psutil.Process] = {pid: root}
-    _send(root, signal.SIGSTOP)
+    kill_trees([root])
+
+
+def kill_trees(roots: list[psutil.Process]) -> None:
+    """SIGKILL each of ``roots`` still running, the process group it leads, and every descendant;
+    never raises. The trees are frozen first (SIGSTOP, then walked again until a walk finds
+    nothing new), so a process forking at the wrong moment cannot leave a child behind. A walk is
+    one scan of /proc for all the trees: a hundred trees cost a few scans, not a few hundred."""
+    seen: dict[int, psutil.Process] = {}
+    for proc in roots:
+        with contextlib.suppress(psutil.Error):
+            if proc.is_running():
+                seen[proc.pid] = proc
+                _send(proc, signal.SIGSTOP)
+    if not seen:
+        return
+    leaders = list(seen)
     for _ in range(_FREEZE_ROUNDS):
-        new = [p for p in tree(pid) if p.pid not in seen]
+        new = _descendants(seen)
         if not new:
             break
         for proc in new:
             seen[proc.pid] = proc
             _send(proc, signal.SIGSTOP)
-    _platform.signal_tree(pid, signal.SIGKILL)  # the group too: members that left the tree
+    for pid in leaders:  # the groups too: members that left the trees
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
     for proc in seen.values():
         _send(proc, signal.SIGKILL)
+
+
+def kill_group(pgid: int, leader: float | None, protect: tuple[int, ...]) -> None:
+    """SIGKILL process group ``pgid`` whole, trees and all; never raises.
+
+    ``leader``: the start time of the group's leader when the group was recorded, None if it was
+    gone then. A group id is not reused while the group has members, so a live process with that
+    pid and another start time means the group is gone and the pid recycled: then nothing is sent.
+    Nor if one of the ``protect`` pids is in the group (the supervisor, the guardian itself).
+    """
+    for pid in protect:
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == pgid:
+                return
+    try:
+        started: float | None = psutil.Process(pgid).create_time()
+    except psutil.NoSuchProcess:
+        started = None
+    except psutil.Error:
+        return
+    if started is not None and (leader is None or abs(started - leader) > 0.01):
+        return
+    try:
+        os.killpg(pgid, signal.SIGSTOP)
+    except OSError:
+        return  # ESRCH: no member left
+    members = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(OSError, psutil.Error):
+            if os.getpgid(proc.pid) == pgid:
+                members.append(proc)
+    kill_trees(members)
+    with contextlib.suppress(OSError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _descendants(known: dict[int, psutil.Process]) -> list[psutil.Process]:
+    """Every live descendant of the processes in ``known`` that is not in it (one /proc scan)."""
+    children: dict[int, list[psutil.Process]] = {}
+    for proc in psutil.process_iter(["ppid"]):
+        children.setdefault(proc.info["ppid"], []).append(proc)
+    found = []
+    visited = set(known)
+    stack = list(known)
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            if child.pid not in visited:
+                visited.add(child.pid)
+                found.append(child)
+                stack.append(child.pid)
+    return found
 
 
 def stuck(pids: list[int]) -> list[str]:

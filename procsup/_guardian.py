@@ -14,8 +14,9 @@
                                              SIGKILLed (tree and all) once its task's grace period
                                              has passed; a spare that dies is reaped silently
                                            a dead fork task: what it named on ``heirs`` as it
-                                             returned, and its process group's members, killed
-                                             the same way (they reparented to init)
+                                             returned, killed the same way (they reparented to
+                                             init), and the process groups named, and its own,
+                                             killed whole
     ✝ (SIGKILL, exit, crash) ── EOF ─────▶ SIGKILL the spare,
                                            cancel every ward's token ("supervisor died"),
                                            wait up to the grace period for them to exit,
@@ -30,6 +31,10 @@ Things that don't work
   task, so any short-lived thread of the user that starts a task would kill it on exit; and a
   signal gives no grace period, where a token cancellation does.
 - A watchdog thread in every task (polling ``getppid()``): a thread per task, and a poll.
+- Forgetting a doomed orphan once it is killed: if it forked as it died, its child comes to us
+  after kill_due() and was never doomed (a process that forks and exits every few ms lived on,
+  even past the supervisor). A killed child stays in ``known`` until reaped, so its orphans are
+  due at once, and a dying guardian kills every child it has left.
 - Letting init adopt a dead task's orphans: nobody would ever kill them. The zygote is a
   subreaper, so they come to it; a fork task's orphans do not (see ``procsup._contain``).
 - Spawning with multiprocessing (the user's process the parent): the same gap as fork. The zygote
@@ -91,16 +96,20 @@ class Guardian:
     Invariants: ``children`` maps each live zygote task's pid to its ward, ``watched`` each watched
     fork task's pidfd to its ward; ``spares`` holds the pids of unreaped spares (children forked
     ahead of a request, ``procsup._zygote_main``), never a task's; ``doomed`` is a heap of
-    ``(deadline, pid, process)``, each an orphan (or group member of a dead fork task) to kill at
-    ``deadline`` if still running; ``known`` maps the pids in ``doomed`` to their deadline.
+    ``(deadline, pid, process, ours)``, each an orphan (``ours``: our child) or a process a dead
+    fork task named, to kill at ``deadline`` if still running; ``known`` maps the pids in
+    ``doomed``, and our killed children until reap() sees them exit, to their deadline;
+    ``groups`` is a heap of ``(deadline, pgid, leader's start time or None)``, the process groups
+    of dead fork tasks and their heirs, to kill whole at ``deadline``.
     """
 
     def __init__(self) -> None:
         self.children: dict[int, _Ward] = {}
         self.watched: dict[int, _Ward] = {}
-        self.doomed: list[tuple[float, int, psutil.Process]] = []
+        self.doomed: list[tuple[float, int, psutil.Process, bool]] = []
         self.known: dict[int, float] = {}
         self.spares: set[int] = set()
+        self.groups: list[tuple[float, int, float | None]] = []
         self.supervisor = os.getppid()
 
     def fds(self) -> list[int]:
@@ -116,8 +125,9 @@ class Guardian:
         self.watched[pidfd] = _Ward(pid, pidfd, token, grace, heirs)
 
     def timeout(self) -> float | None:
-        """Seconds until the next orphan's deadline, or None."""
-        return max(0.0, self.doomed[0][0] - time.monotonic()) if self.doomed else None
+        """Seconds until the next deadline (an orphan's or a group's), or None."""
+        due = [heap[0][0] for heap in (self.doomed, self.groups) if heap]
+        return max(0.0, min(due) - time.monotonic()) if due else None
 
     def reap(self) -> int:
         """Reap every exited child: report tasks on their status pipe, doom new orphans.
@@ -151,60 +161,59 @@ class Guardian:
             os.close(ward.fd)
             reported += 1
         if deadlines:
-            self._doom(self._orphans(), max(deadlines))
+            self._doom(self._orphans(), max(deadlines), ours=True)
         return reported
 
     def watched_exited(self, pidfd: int) -> None:
-        """A fork task exited: doom what it named as left behind, and what is left of its
-        process group (a task that crashed named nothing)."""
+        """A fork task exited: doom what it named as left behind (a task that crashed named
+        nothing), and the process groups they and the task were in: a group is killed whole at
+        the deadline, so a member that forks and exits meanwhile cannot slip out of it."""
         ward = self.watched.pop(pidfd)
         data = b""
         with contextlib.suppress(OSError):  # EAGAIN: nothing named
             data = os.read(ward.heirs, 1 << 16)
         ward.close()
         deadline = time.monotonic() + ward.grace
-        if data:
-            self._doom(_contain.heirs(data), deadline)
-        try:
-            os.killpg(ward.pid, 0)
-        except OSError:
-            return  # an empty group (the usual case): no scan of /proc needed
-        members = []
-        for proc in psutil.process_iter():
-            with contextlib.suppress(OSError, psutil.Error):
-                if proc.pid != ward.pid and os.getpgid(proc.pid) == ward.pid:
-                    members.append(proc)
-        self._doom(members, deadline)
+        heirs, groups = _contain.heirs(data)
+        self._doom(heirs, deadline, ours=False)
+        groups[ward.pid] = None  # the task's own group: its leader, the task, is dead
+        for pgid, leader in groups.items():
+            with contextlib.suppress(OSError):  # ESRCH: an empty group (the usual case)
+                os.killpg(pgid, 0)
+                heapq.heappush(self.groups, (deadline, pgid, leader))
 
     def kill_due(self) -> None:
-        """SIGKILL (tree and all) every doomed process whose deadline has passed."""
+        """SIGKILL (trees and all) every doomed process and group whose deadline has passed."""
         now = time.monotonic()
+        due = []
         while self.doomed and self.doomed[0][0] <= now:
-            _, pid, proc = heapq.heappop(self.doomed)
-            self.known.pop(pid, None)
-            with contextlib.suppress(psutil.Error):
-                if proc.is_running():
-                    kill_tree(pid)
+            _, pid, proc, ours = heapq.heappop(self.doomed)
+            if ours and pid in self.known:
+                # Until reap() sees it die, its orphans (it may fork as it dies) are due at once.
+                self.known[pid] = now
+            else:
+                self.known.pop(pid, None)
+            due.append(proc)
+        _contain.kill_trees(due)
+        while self.groups and self.groups[0][0] <= now:
+            _, pgid, leader = heapq.heappop(self.groups)
+            _contain.kill_group(pgid, leader, (self.supervisor, os.getpid()))
 
     def _orphans(self) -> list[psutil.Process]:
-        me = os.getpid()
-        try:
-            with open(f"/proc/{me}/task/{me}/children") as f:
-                pids = [int(p) for p in f.read().split()]
-        except OSError:  # no CONFIG_PROC_CHILDREN: the slower scan
-            pids = [p.pid for p in psutil.Process().children()]
         orphans = []
-        for pid in pids:
+        for pid in _children():
             if pid not in self.children and pid not in self.known and pid not in self.spares:
                 with contextlib.suppress(psutil.Error):
                     orphans.append(psutil.Process(pid))
         return orphans
 
-    def _doom(self, procs: list[psutil.Process], deadline: float) -> None:
+    def _doom(self, procs: list[psutil.Process], deadline: float, *, ours: bool) -> None:
+        """Kill ``procs`` at ``deadline``; ``ours``: they are our children (orphans), so reap()
+        will see them exit."""
         for proc in procs:
             if proc.pid not in self.known:
                 self.known[proc.pid] = deadline
-                heapq.heappush(self.doomed, (deadline, proc.pid, proc))
+                heapq.heappush(self.doomed, (deadline, proc.pid, proc, ours))
 
     def supervisor_gone(self, wait_fd: int) -> None:
         """The supervisor's socket hit EOF: cancel every ward, grace, kill, reap. Then return.
@@ -212,7 +221,7 @@ class Guardian:
         ``wait_fd`` becomes readable on SIGCHLD (the zygote's wake-up pipe).
         """
         wards = [*self.children.values(), *self.watched.values()]
-        if not wards and not self.doomed:
+        if not wards and not self.doomed and not self.groups and not self._orphans():
             return
         grace = max((w.grace for w in wards), default=0.0)
         reason = (
@@ -226,12 +235,18 @@ class Guardian:
         self._wait(wait_fd, deadline)
         for ward in [*self.children.values(), *self.watched.values()]:
             self._kill_ward(ward)
-        for _, pid, proc in self.doomed:
-            with contextlib.suppress(psutil.Error):
-                if proc.is_running():
-                    kill_tree(pid)
-        self.doomed.clear()
-        self._wait(wait_fd, time.monotonic() + _REAP_AFTER_KILL)
+        end = time.monotonic() + _REAP_AFTER_KILL
+        while True:  # until no child is left: killed ones may leave orphans as they die
+            victims = [entry[2] for entry in self.doomed] + self._orphans()
+            self.doomed.clear()
+            _contain.kill_trees(victims)
+            for _, pgid, leader in self.groups:
+                _contain.kill_group(pgid, leader, (self.supervisor, os.getpid()))
+            self.groups.clear()
+            self._wait(wait_fd, end)
+            if not _children() or time.monotonic() >= end:
+                break
+            _wait_readable(wait_fd, min(0.1, max(0.0, end - time.monotonic())))
 
     def _kill_ward(self, ward: _Ward) -> None:
         if ward.pid in self.children:
@@ -260,6 +275,24 @@ class Guardian:
                     while os.read(wait_fd, 4096):
                         pass
         self.reap()
+
+
+def _children() -> list[int]:
+    me = os.getpid()
+    try:
+        with open(f"/proc/{me}/task/{me}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:  # no CONFIG_PROC_CHILDREN: the slower scan
+        return [p.pid for p in psutil.Process().children()]
+
+
+def _wait_readable(fd: int, timeout: float) -> None:
+    import select
+
+    if select.select([fd], [], [], timeout)[0]:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(fd, 4096):
+                pass
 
 
 def _exited(pidfd: int) -> bool:

@@ -110,3 +110,21 @@ def child_tokens_then_crash(token: CancellationToken, count: int) -> None:
     kept = [token.child_token() for _ in range(count)]
     kept.append(kept[0].child_token())
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def leave_hopper(token: CancellationToken, report: Connection, new_session: bool) -> None:
+    """Leave behind a process that keeps forking and exiting (a new pid every few ms, in one
+    process group; in its own session if ``new_session``) and holds ``report`` open for as long as
+    any generation lives (3 deadlines at most); it reports its process group first. Then return."""
+    if os.fork() == 0:
+        try:
+            if new_session:
+                os.setsid()
+            report.send(os.getpgid(0))
+            end = time.monotonic() + 3 * DEADLINE
+            while time.monotonic() < end:
+                time.sleep(0.002)
+                if os.fork() != 0:
+                    os._exit(0)
+        finally:
+            os._exit(0)

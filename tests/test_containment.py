@@ -3,6 +3,7 @@ interpreter exit shut down cleanly, and stop/shutdown stay bounded. Real process
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -114,6 +115,31 @@ def test_descendants_of_a_task_that_returned_are_killed_after_the_grace_period(
         assert all(process_gone(pid, DEADLINE) for pid in descendants)
     finally:
         _kill(descendants)
+        sup.shutdown()
+
+
+@pytest.mark.parametrize("new_session", [False, True], ids=["same-group", "setsid"])
+def test_a_descendant_that_keeps_forking_is_killed_after_the_grace_period(
+    start_method: str, pipe: Pipe, new_session: bool
+) -> None:
+    """Test that a descendant that forks and exits every few ms (its pid never stays the same)
+    is still killed after the grace period once its task returned, under every start method."""
+    reader, writer = pipe()
+    sup = Supervisor(start_method=start_method, grace_period=0.2)
+    handle = sup.spawn(contain_tasks.leave_hopper, "hopper", args=(writer, new_session))
+    writer.close()
+    group = 0
+    try:
+        assert reader.poll(DEADLINE)
+        group = reader.recv()
+        assert handle.join(DEADLINE) is None
+        assert reader.poll(DEADLINE), "a generation of the hopper still holds the pipe"
+        with pytest.raises(EOFError):  # every generation is gone
+            reader.recv()
+    finally:
+        if group:
+            with contextlib.suppress(OSError):
+                os.killpg(group, signal.SIGKILL)
         sup.shutdown()
 
 
