@@ -110,6 +110,7 @@ def _process(
 ) -> Any:
     """A not yet started process that will run ``_task.main(*args)``."""
     name = f"procsup: {description}"
+    zygote = {"token": args[4], "grace": sup._grace, "stderr": args[5].fileno()}
     # An async task needs asyncio, which ``import procsup`` leaves out (procsup._aio): have it
     # imported where tasks are forked from, once, rather than in every task.
     needs = ["asyncio"] if inspect.iscoroutinefunction(task_fn) else []
@@ -118,12 +119,12 @@ def _process(
             importlib.import_module(needed)
         return ForkProcess(_task.main, args, name)
     if sup._method == "spawn":  # the zygote forks and execs a fresh interpreter
-        return ZygoteProcess(_task.main, args, name, token=args[4], grace=sup._grace, fresh=True)
+        return ZygoteProcess(_task.main, args, name, fresh=True, **zygote)
     module = getattr(task_fn, "__module__", None)
     preload = [*sup._preload, *needs]
     if module not in (None, "__main__"):
         preload.append(module)
-    return ZygoteProcess(_task.main, args, name, preload=preload, token=args[4], grace=sup._grace)
+    return ZygoteProcess(_task.main, args, name, preload=preload, **zygote)
 
 
 def _guard(sup: Supervisor, proc: ForkProcess, token: CancellationToken) -> None:

@@ -17,8 +17,10 @@
     sentinel = r: readable when the zygote ◀──────── SIGCHLD ▶ waitpid ▶ write the exit code,
       has reaped the task (or died itself)              close that task's status write end
 
-Every child first closes the zygote's fds. The spare (``procsup._zygote_main``) keeps ``fork()``
-off a start's critical path; the next one is forked once a task exits, or 5 ms after the start.
+Every child first closes the zygote's fds and makes the task's stderr pipe its fd 2, so a failure
+to import the task's module or unpickle its arguments reaches the crash record's stderr tail. The
+spare (``procsup._zygote_main``) keeps ``fork()`` off a start's critical path; the next one is
+forked once a task exits, or 5 ms after the start.
 
 ``ZygoteProcess(fresh=True)`` is ``start_method="spawn"``: the payload also carries the interpreter,
 the environment and multiprocessing's spawn preparation data; the zygote forks a child that execs
@@ -208,12 +210,16 @@ class ZygoteProcess(_LeanProcess):
         token: CancellationToken | None = None,
         grace: float = 5.0,
         fresh: bool = False,
+        stderr: int = -1,
     ) -> None:
         super().__init__(target, args, name)
         self._preload = tuple(preload)
         self._token = token  # the zygote cancels it if the supervisor dies, then kills after grace
         self._grace = grace
         self._fresh = fresh  # spawn: the zygote's child execs a fresh interpreter
+        # An fd among those ``args`` pickle: the child makes it its fd 2 before it imports or
+        # unpickles anything, so a failure there reaches the task's stderr tail too.
+        self._stderr = stderr
 
     def start(self) -> None:
         buffer = io.BytesIO()
@@ -228,6 +234,7 @@ class ZygoteProcess(_LeanProcess):
         finally:
             multiprocessing.context.set_spawning_popen(None)
         payload = buffer.getbuffer()
+        stderr = self._fds.index(self._stderr) if self._stderr in self._fds else None
         if self._fresh:
             # What multiprocessing's spawn sends its child, plus the interpreter (with this one's
             # -O, -X, -W flags, as multiprocessing passes them) and environment to exec: the
@@ -247,7 +254,7 @@ class ZygoteProcess(_LeanProcess):
             zygote = _Zygote.get()
             zygote.sync_path()
             self.pid = zygote.spawn(
-                self._preload, payload, [write_end, *self._fds], ward, self._fresh
+                self._preload, payload, [write_end, *self._fds], ward, self._fresh, stderr
             )
         except BaseException:
             os.close(read_end)
@@ -337,6 +344,7 @@ class _Zygote:
         fds: list[int],
         ward: Any = None,
         fresh: bool = False,
+        stderr: int | None = None,
     ) -> int:
         total = len(fds) + (len(payload) > _INLINE)  # a big payload travels in one more fd
         if total > MAX_FDS:
@@ -350,10 +358,10 @@ class _Zygote:
                 memfd = os.memfd_create("procsup-task", os.MFD_CLOEXEC)
                 with open(memfd, "wb", closefd=False) as f:
                     f.write(payload)
-                header: tuple[Any, ...] = ("spawn", list(preload), None, ward, fresh)
+                header: tuple[Any, ...] = ("spawn", list(preload), None, ward, fresh, stderr)
                 fds = [fds[0], memfd, *fds[1:]]
             else:
-                header = ("spawn", list(preload), bytes(payload), ward, fresh)
+                header = ("spawn", list(preload), bytes(payload), ward, fresh, stderr)
             reply = self._call(header, fds)
         finally:
             if memfd >= 0:

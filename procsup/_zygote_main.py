@@ -172,7 +172,7 @@ class _Server:
         return -1
 
     def spawn(self, data: bytes, message: tuple[Any, ...], fds: list[int]) -> None:
-        _, preload, payload, ward, fresh = message
+        _, preload, payload, ward, fresh, stderr = message
         status_w, task_fds = fds[0], fds[1:]  # task_fds: the memfd (a big payload), then ``rest``
         spare = None if fresh else self.take_spare()
         if spare is not None:
@@ -193,7 +193,7 @@ class _Server:
             if payload is None:
                 payload, task_fds = _read_memfd(task_fds[0]), rest
             try:
-                pid = self.fork_task(payload, status_w, rest, redundant, fresh)
+                pid = self.fork_task(payload, status_w, rest, redundant, fresh, stderr)
             except OSError as exc:
                 os.close(status_w)
                 _close_unkept(task_fds)
@@ -259,7 +259,13 @@ class _Server:
         self.spare = _Spare(pid, mine)
 
     def fork_task(
-        self, payload: bytes, status_w: int, rest: list[int], redundant: int, fresh: bool
+        self,
+        payload: bytes,
+        status_w: int,
+        rest: list[int],
+        redundant: int,
+        fresh: bool,
+        stderr: int | None,
     ) -> int:
         close = [*self.own(), status_w, *self.guardian.fds()]
         zygote = os.getpid()
@@ -268,6 +274,7 @@ class _Server:
             code = 1
             try:
                 _become_child(zygote, close)
+                _redirect_stderr(rest, stderr)
                 if fresh:
                     exec_fresh(payload, rest)
                 # ``redundant``: the arena arrived again, but this process maps it already.
@@ -309,16 +316,24 @@ def _arrive_and_run(data: bytes, fds: list[int]) -> None:
     """In a spare: get the payload and the fds its pickle refers to as a forked task has them."""
     from procsup._arena import Arena
 
-    _, preload, payload, ward, _ = pickle.loads(data)
-    _import(preload)
+    _, preload, payload, ward, _, stderr = pickle.loads(data)
     if payload is None:
         payload, fds = _read_memfd(fds[0]), fds[1:]
+    _redirect_stderr(fds, stderr)
+    _import(preload)
     if ward is not None:
         key, ref = ward[1][:2]
         if key in Arena._registry:  # mapped before our fork: unpickling will not adopt this fd
             os.close(fds[ref.index])
     inherited[:] = fds
     _unpickle_and_run(payload)
+
+
+def _redirect_stderr(fds: list[int], index: int | None) -> None:
+    """Make ``fds[index]``, the task's stderr pipe, this process's fd 2 before anything is
+    imported or unpickled: a failure there then reaches the task's crash record."""
+    if index is not None:
+        os.dup2(fds[index], 2)
 
 
 def _read_memfd(fd: int) -> bytes:

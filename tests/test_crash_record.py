@@ -4,7 +4,10 @@ and the token slots a crashed task leaves behind are given back."""
 from __future__ import annotations
 
 import gc
+import importlib
+import os
 import pickle
+import sys
 
 import pytest
 
@@ -132,3 +135,25 @@ def test_crashed_task_gives_its_token_slots_back(runtime: Supervisor) -> None:
         del handle, info
     counts.append(live_slots())
     assert counts[1] == counts[2] == counts[3], counts
+
+
+def test_a_task_whose_module_fails_to_import_in_the_child_has_the_traceback_in_its_record(
+    start_method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Test that when a task's module cannot be imported in the task process (zygote and spawn
+    children import it; fork children inherit it), the ImportError's traceback is in the crash
+    record's stderr tail, not only on the zygote's terminal, and the parent is cancelled."""
+    if start_method == "fork":
+        pytest.skip("fork children inherit the module: nothing is imported")
+    monkeypatch.setenv("PROCSUP_TEST_SUPERVISOR", str(os.getpid()))
+    monkeypatch.delitem(sys.modules, "tests.supervisor_only_tasks", raising=False)
+    supervisor_only_tasks = importlib.import_module("tests.supervisor_only_tasks")
+
+    parent = CancellationToken()
+    with Supervisor(start_method=start_method) as sup:
+        handle = sup.spawn(supervisor_only_tasks.nothing, "unimportable", parent_token=parent)
+        with pytest.raises(TaskCrashedError) as info:
+            handle.join(DEADLINE)
+    assert parent.is_cancelled()
+    assert info.value.stderr_tail is not None
+    assert "this module imports only in the supervisor process" in info.value.stderr_tail
