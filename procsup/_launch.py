@@ -110,7 +110,8 @@ def _process(
 ) -> Any:
     """A not yet started process that will run ``_task.main(*args)``."""
     name = f"procsup: {description}"
-    zygote = {"token": args[4], "grace": sup._grace, "stderr": args[5].fileno()}
+    # For the zygote: the token it cancels if we die, the grace it gives, the task's stderr pipe.
+    guarded = {"token": args[4], "grace": sup._grace, "stderr": args[5].fileno()}
     # An async task needs asyncio, which ``import procsup`` leaves out (procsup._aio): have it
     # imported where tasks are forked from, once, rather than in every task.
     needs = ["asyncio"] if inspect.iscoroutinefunction(task_fn) else []
@@ -119,12 +120,12 @@ def _process(
             importlib.import_module(needed)
         return ForkProcess(_task.main, args, name)
     if sup._method == "spawn":  # the zygote forks and execs a fresh interpreter
-        return ZygoteProcess(_task.main, args, name, fresh=True, **zygote)
+        return ZygoteProcess(_task.main, args, name, fresh=True, **guarded)
     module = getattr(task_fn, "__module__", None)
     preload = [*sup._preload, *needs]
     if module not in (None, "__main__"):
         preload.append(module)
-    return ZygoteProcess(_task.main, args, name, preload=preload, **zygote)
+    return ZygoteProcess(_task.main, args, name, preload=preload, **guarded)
 
 
 def _guard(sup: Supervisor, proc: ForkProcess, token: CancellationToken) -> None:
