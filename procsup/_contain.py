@@ -19,17 +19,22 @@ Where the orphans of a *dead* task go, and who kills them after the grace period
 - fork: tasks are children of the user's process, which procsup does not make a subreaper (that
   would change what the user's own ``wait()`` calls see). Orphans reparent to init (or the nearest
   subreaper above the supervisor). A task that returns or raises names its live descendants and
-  their process groups to the zygote (``hand_over()``: lines on a pipe, start times against pid
-  reuse), and the zygote, as guardian, kills them after the grace period, and the dead task's
-  group and theirs whole (``kill_group``: a process that forks and exits to change its pid stays
-  in its group). One gap is left: a descendant that left the group (``setsid()``, ``setpgid()``,
-  ``start_new_session=True``) *and* outlives a fork task that died abruptly (a signal, or
-  ``os._exit``) escapes, since nobody can name it any more. ``stop()``, ``shutdown()`` and a
-  supervisor death do kill it: the task is still alive then, and a subreaper. Use the default start
-  method for crash-prone work that starts daemons.
+  the sessions they started to the zygote (``hand_over()``: lines on a pipe, start times against
+  pid reuse), and the zygote, as guardian, kills them after the grace period, the dead task's
+  process group and those sessions whole (a process that forks and exits to change its pid stays
+  in both). A group or session that emptied and whose number a stranger reused within the grace
+  period (pid wrap-around) would be taken for the task's: the leader's start time is checked, a
+  leaderless group's cannot be. One gap is left: a descendant that left the group (``setsid()``,
+  ``setpgid()``, ``start_new_session=True``) *and* outlives a fork task that died abruptly (a
+  signal, or ``os._exit``) escapes, since nobody can name it any more. ``stop()``, ``shutdown()``
+  and a supervisor death do kill it: the task is still alive then, and a subreaper. Use the
+  default start method for crash-prone work that starts daemons.
 
 Things that don't work
 ----------------------
+- Killing the process groups of a task's descendants: a descendant may join (``setpgid()``) a
+  group of strangers in the same session. A session cannot be joined, only inherited, so one
+  started inside a task's tree holds nothing else: ``kill_trees`` and the guardian kill those.
 - One /proc scan per tree when many die at once (200 orphans of one task): the zygote, single-
   threaded, stalled starts for seconds. ``kill_trees`` walks all of them in one scan per round.
 - Signalling a tree in one pass: a process that forks between the walk and the signal (a fork bomb,
@@ -60,6 +65,7 @@ __all__ = [
     "hand_over",
     "heirs",
     "kill_group",
+    "kill_session",
     "kill_tree",
     "kill_trees",
     "reap",
@@ -108,8 +114,14 @@ def enter_task() -> None:
 
 def hand_over() -> None:
     """In a fork task about to exit: name every live descendant ("p pid start-time" lines) and
-    the process groups they are in ("g pgid leader's-start-time-or--") to the guardian, which
-    kills them after the grace period. Cheap when there are none."""
+    every session one of them started ("s sid leader's-start-time-or--") to the guardian, which
+    kills them after the grace period. Cheap when there are none.
+
+    A session other than ours that holds a descendant of ours was started (``setsid()``) inside
+    our tree, and a session cannot be joined, only inherited: every member is a descendant of
+    ours. Killing it whole catches a process that forks and exits to change its pid; naming a
+    process group instead could name one a descendant joined (``setpgid()``) with strangers in it.
+    """
     global heirs_fd
     fd, heirs_fd = heirs_fd, -1
     if fd < 0:
@@ -117,23 +129,19 @@ def hand_over() -> None:
     try:
         if _has_children():
             lines = [""]  # ends any line a descendant may have left unfinished on the pipe
-            pids, groups = set(), set()
+            sessions = set()
             for proc in tree(os.getpid()):
                 with contextlib.suppress(OSError, psutil.Error):
                     lines.append(f"p {proc.pid} {proc.create_time()!r}")
-                    pids.add(proc.pid)
-                    groups.add(os.getpgid(proc.pid))
-            for pgid in groups - {os.getpgid(0)}:  # our own group is the guardian's already
-                # Only groups led by one of ours, or whose leader is gone: never one led by a
-                # process outside our tree (a descendant may have joined our parent's group).
+                    sessions.add(os.getsid(proc.pid))
+            for sid in sessions - {os.getsid(0)}:
                 try:
-                    leader = repr(psutil.Process(pgid).create_time())
+                    leader = repr(psutil.Process(sid).create_time())
                 except psutil.NoSuchProcess:
                     leader = "-"
                 except psutil.Error:
                     continue
-                if leader == "-" or pgid in pids:
-                    lines.append(f"g {pgid} {leader}")
+                lines.append(f"s {sid} {leader}")
             os.set_blocking(fd, False)
             with contextlib.suppress(OSError):  # a full pipe (64 KiB of names): the rest escape
                 os.write(fd, "\n".join([*lines, ""]).encode())
@@ -154,18 +162,18 @@ def _has_children() -> bool:
 
 def heirs(data: bytes) -> tuple[list[psutil.Process], dict[int, float | None]]:
     """What ``hand_over()`` named in ``data``: the processes that still run (pid reuse checked),
-    and each group with its leader's start time (None: the leader was gone)."""
-    procs, groups = [], {}
+    and each session with its leader's start time (None: the leader was gone)."""
+    procs, sessions = [], {}
     for line in data.decode(errors="replace").splitlines():
         with contextlib.suppress(ValueError, psutil.Error):
             kind, number, started = line.split()
-            if kind == "g":
-                groups[int(number)] = None if started == "-" else float(started)
+            if kind == "s":
+                sessions[int(number)] = None if started == "-" else float(started)
             elif kind == "p":
                 proc = psutil.Process(int(number))
                 if abs(proc.create_time() - float(started)) < 0.01:
                     procs.append(proc)
-    return procs, groups
+    return procs, sessions
 
 
 def reap(proc: Any) -> ExitInfo:
@@ -230,7 +238,62 @@ def kill_trees(roots: list[psutil.Process]) -> None:
         with contextlib.suppress(OSError):
             if os.getpgid(pid) == pid:
                 os.killpg(pid, signal.SIGKILL)
+    # Sessions started inside the trees, whole (see hand_over): a setsid() process that forks
+    # and exits faster than a walk lost it is still in its session.
+    # Not ours to kill whole: our own session, and the session of a root that did not start it.
+    outside = {os.getsid(0)}
+    for pid in leaders:
+        with contextlib.suppress(OSError):
+            if os.getsid(pid) != pid:
+                outside.add(os.getsid(pid))
+    inside = set()
     for proc in seen.values():
+        with contextlib.suppress(OSError):
+            inside.add(os.getsid(proc.pid))
+    for sid in inside - outside:
+        _kill_session(sid, seen)
+    for proc in seen.values():
+        _send(proc, signal.SIGKILL)
+
+
+def kill_session(sid: int, leader: float | None) -> None:
+    """SIGKILL every process of session ``sid``, trees and all; never raises.
+
+    ``leader``: the start time of the session's leader when the session was named, None if it was
+    gone then. A session id is not reused while the session has members, so a live process with
+    that pid and another start time means the session is gone and the pid recycled: then nothing
+    is sent.
+    """
+    try:
+        started: float | None = psutil.Process(sid).create_time()
+    except psutil.NoSuchProcess:
+        started = None
+    except psutil.Error:
+        return
+    if started is not None and (leader is None or abs(started - leader) > 0.01):
+        return
+    seen: dict[int, psutil.Process] = {}
+    _kill_session(sid, seen)
+    kill_trees(list(seen.values()))
+
+
+def _kill_session(sid: int, seen: dict[int, psutil.Process]) -> None:
+    """Freeze every member of session ``sid`` (scanning again until none is new), adding each to
+    ``seen``, then SIGKILL them."""
+    members: dict[int, psutil.Process] = {}
+    for _ in range(_FREEZE_ROUNDS):
+        new = []
+        for proc in psutil.process_iter():
+            with contextlib.suppress(OSError):
+                if proc.pid not in members and os.getsid(proc.pid) == sid:
+                    new.append(proc)
+        if not new:
+            break
+        for proc in new:
+            members[proc.pid] = proc
+            _send(proc, signal.SIGSTOP)
+    seen.update(members)
+    for proc in members.values():
         _send(proc, signal.SIGKILL)
 
 

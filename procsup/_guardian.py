@@ -15,8 +15,8 @@
                                              has passed; a spare that dies is reaped silently
                                            a dead fork task: what it named on ``heirs`` as it
                                              returned, killed the same way (they reparented to
-                                             init), and the process groups named, and its own,
-                                             killed whole
+                                             init), and the sessions named, and its own process
+                                             group, killed whole
     ✝ (SIGKILL, exit, crash) ── EOF ─────▶ SIGKILL the spare,
                                            cancel every ward's token ("supervisor died"),
                                            wait up to the grace period for them to exit,
@@ -99,8 +99,9 @@ class Guardian:
     ``(deadline, pid, process, ours)``, each an orphan (``ours``: our child) or a process a dead
     fork task named, to kill at ``deadline`` if still running; ``known`` maps the pids in
     ``doomed``, and our killed children until reap() sees them exit, to their deadline;
-    ``groups`` is a heap of ``(deadline, pgid, leader's start time or None)``, the process groups
-    of dead fork tasks and their heirs, to kill whole at ``deadline``.
+    ``groups`` is a heap of ``(deadline, id, leader's start time or None, is a session)``: the
+    process group of a dead fork task and the sessions its heirs started, to kill whole at
+    ``deadline``.
     """
 
     def __init__(self) -> None:
@@ -109,7 +110,7 @@ class Guardian:
         self.doomed: list[tuple[float, int, psutil.Process, bool]] = []
         self.known: dict[int, float] = {}
         self.spares: set[int] = set()
-        self.groups: list[tuple[float, int, float | None]] = []
+        self.groups: list[tuple[float, int, float | None, bool]] = []
         self.supervisor = os.getppid()
 
     def fds(self) -> list[int]:
@@ -174,13 +175,13 @@ class Guardian:
             data = os.read(ward.heirs, 1 << 16)
         ward.close()
         deadline = time.monotonic() + ward.grace
-        heirs, groups = _contain.heirs(data)
+        heirs, sessions = _contain.heirs(data)
         self._doom(heirs, deadline, ours=False)
-        groups[ward.pid] = None  # the task's own group: its leader, the task, is dead
-        for pgid, leader in groups.items():
-            with contextlib.suppress(OSError):  # ESRCH: an empty group (the usual case)
-                os.killpg(pgid, 0)
-                heapq.heappush(self.groups, (deadline, pgid, leader))
+        for sid, leader in sessions.items():
+            heapq.heappush(self.groups, (deadline, sid, leader, True))
+        with contextlib.suppress(OSError):  # ESRCH: an empty group (the usual case)
+            os.killpg(ward.pid, 0)  # the task's own group; its leader, the task, is dead
+            heapq.heappush(self.groups, (deadline, ward.pid, None, False))
 
     def kill_due(self) -> None:
         """SIGKILL (trees and all) every doomed process and group whose deadline has passed."""
@@ -196,8 +197,14 @@ class Guardian:
             due.append(proc)
         _contain.kill_trees(due)
         while self.groups and self.groups[0][0] <= now:
-            _, pgid, leader = heapq.heappop(self.groups)
-            _contain.kill_group(pgid, leader, (self.supervisor, os.getpid()))
+            self._kill_group(heapq.heappop(self.groups))
+
+    def _kill_group(self, entry: tuple[float, int, float | None, bool]) -> None:
+        _, ident, leader, session = entry
+        if session:
+            _contain.kill_session(ident, leader)
+        else:
+            _contain.kill_group(ident, leader, (self.supervisor, os.getpid()))
 
     def _orphans(self) -> list[psutil.Process]:
         orphans = []
@@ -240,8 +247,8 @@ class Guardian:
             victims = [entry[2] for entry in self.doomed] + self._orphans()
             self.doomed.clear()
             _contain.kill_trees(victims)
-            for _, pgid, leader in self.groups:
-                _contain.kill_group(pgid, leader, (self.supervisor, os.getpid()))
+            for entry in self.groups:
+                self._kill_group(entry)
             self.groups.clear()
             self._wait(wait_fd, end)
             if not _children() or time.monotonic() >= end:

@@ -112,10 +112,15 @@ def child_tokens_then_crash(token: CancellationToken, count: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def leave_hopper(token: CancellationToken, report: Connection, new_session: bool) -> None:
+def leave_hopper(
+    token: CancellationToken, report: Connection, new_session: bool, hang: bool = False
+) -> None:
     """Leave behind a process that keeps forking and exiting (a new pid every few ms, in one
     process group; in its own session if ``new_session``) and holds ``report`` open for as long as
-    any generation lives (3 deadlines at most); it reports its process group first. Then return."""
+    any generation lives (3 deadlines at most); it reports its process group first. Then return,
+    or (``hang``) ignore SIGTERM and sleep."""
+    if hang:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if os.fork() == 0:
         try:
             if new_session:
@@ -128,3 +133,23 @@ def leave_hopper(token: CancellationToken, report: Connection, new_session: bool
                     os._exit(0)
         finally:
             os._exit(0)
+    if hang:
+        time.sleep(3 * DEADLINE)
+
+
+def join_group_then_sleep(token: CancellationToken, report: Connection, group: int) -> None:
+    """Fork a child that joins process group ``group`` (a stranger's, in our session), reports its
+    pid and sleeps; then return."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setpgid(0, group)
+            os.close(write_end)
+            time.sleep(DEADLINE)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        f.read()  # EOF once the child has joined the group
+    report.send(pid)

@@ -26,6 +26,7 @@ from procsup import (
     _monitor,
     _supervisor,
 )
+from procsup._zygote import _Zygote
 from tests import contain_tasks
 from tests.conftest import process_gone
 from tests.tasks import DEADLINE
@@ -141,6 +142,63 @@ def test_a_descendant_that_keeps_forking_is_killed_after_the_grace_period(
             with contextlib.suppress(OSError):
                 os.killpg(group, signal.SIGKILL)
         sup.shutdown()
+
+
+def test_stop_kills_a_setsid_descendant_that_keeps_forking(start_method: str, pipe: Pipe) -> None:
+    """Test that stop() of a task that ignores SIGTERM also kills a descendant that left for its
+    own session and changes its pid every few ms (its session is killed whole)."""
+    reader, writer = pipe()
+    sup = Supervisor(start_method=start_method, grace_period=0.2)
+    handle = sup.spawn(contain_tasks.leave_hopper, "hopper", args=(writer, True, True))
+    writer.close()
+    group = 0
+    try:
+        assert reader.poll(DEADLINE)
+        group = reader.recv()
+        with pytest.raises(TaskCrashedError, match="stopped on request"):
+            handle.stop(timeout=0)
+        assert reader.poll(DEADLINE), "a generation of the hopper still holds the pipe"
+        with pytest.raises(EOFError):
+            reader.recv()
+    finally:
+        if group:
+            with contextlib.suppress(OSError):
+                os.killpg(group, signal.SIGKILL)
+        sup.shutdown()
+
+
+def test_a_strangers_group_a_descendant_joined_is_left_alone(pipe: Pipe) -> None:
+    """Test that when a fork task's descendant joins a process group of strangers (whose leader
+    is gone) and the task returns, the descendant is killed after the grace but the strangers
+    are not: procsup kills whole only the sessions a task's tree started."""
+    leader = subprocess.Popen(
+        [sys.executable, "-c", "import os, time\nif os.fork() == 0: time.sleep(30)"],
+        process_group=0,
+    )
+    assert leader.wait(DEADLINE) == 0
+    (stranger,) = [p for p in psutil.process_iter() if _pgid(p.pid) == leader.pid]
+    reader, writer = pipe()
+    sup = Supervisor(start_method="fork", grace_period=0.1)
+    try:
+        handle = sup.spawn(contain_tasks.join_group_then_sleep, "joiner", args=(writer, leader.pid))
+        writer.close()
+        assert reader.poll(DEADLINE)
+        joiner = reader.recv()
+        assert handle.join(DEADLINE) is None
+        assert process_gone(joiner, DEADLINE)
+        _Zygote.get()._call(("path", list(sys.path)), [])  # the zygote is done with that deadline
+        assert stranger.is_running()
+    finally:
+        stranger.kill()
+        stranger.wait(DEADLINE)
+        sup.shutdown()
+
+
+def _pgid(pid: int) -> int:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return -1
 
 
 @pytest.fixture
