@@ -260,17 +260,9 @@ def kill_session(sid: int, leader: float | None) -> None:
     """SIGKILL every process of session ``sid``, trees and all; never raises.
 
     ``leader``: the start time of the session's leader when the session was named, None if it was
-    gone then. A session id is not reused while the session has members, so a live process with
-    that pid and another start time means the session is gone and the pid recycled: then nothing
-    is sent.
+    gone then; nothing is sent if the id now names a stranger (``_recycled``).
     """
-    try:
-        started: float | None = psutil.Process(sid).create_time()
-    except psutil.NoSuchProcess:
-        started = None
-    except psutil.Error:
-        return
-    if started is not None and (leader is None or abs(started - leader) > 0.01):
+    if _recycled(sid, leader):
         return
     seen: dict[int, psutil.Process] = {}
     _kill_session(sid, seen)
@@ -301,21 +293,14 @@ def kill_group(pgid: int, leader: float | None, protect: tuple[int, ...]) -> Non
     """SIGKILL process group ``pgid`` whole, trees and all; never raises.
 
     ``leader``: the start time of the group's leader when the group was recorded, None if it was
-    gone then. A group id is not reused while the group has members, so a live process with that
-    pid and another start time means the group is gone and the pid recycled: then nothing is sent.
-    Nor if one of the ``protect`` pids is in the group (the supervisor, the guardian itself).
+    gone then; nothing is sent if the id now names a stranger (``_recycled``), nor if one of the
+    ``protect`` pids is in the group (the supervisor, the guardian itself).
     """
     for pid in protect:
         with contextlib.suppress(OSError):
             if os.getpgid(pid) == pgid:
                 return
-    try:
-        started: float | None = psutil.Process(pgid).create_time()
-    except psutil.NoSuchProcess:
-        started = None
-    except psutil.Error:
-        return
-    if started is not None and (leader is None or abs(started - leader) > 0.01):
+    if _recycled(pgid, leader):
         return
     try:
         os.killpg(pgid, signal.SIGSTOP)
@@ -329,6 +314,20 @@ def kill_group(pgid: int, leader: float | None, protect: tuple[int, ...]) -> Non
     kill_trees(members)
     with contextlib.suppress(OSError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+def _recycled(ident: int, leader: float | None) -> bool:
+    """Whether the group or session id ``ident`` now names a stranger: a live process has that
+    pid but not the start time ``leader`` its leader had when it was recorded (None: the leader
+    was gone then). True too when it cannot be told. An id is not reused while it has members,
+    so no such process means the members, if any, are the ones recorded."""
+    try:
+        started = psutil.Process(ident).create_time()
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
+    return leader is None or abs(started - leader) > 0.01
 
 
 def _descendants(known: dict[int, psutil.Process]) -> list[psutil.Process]:

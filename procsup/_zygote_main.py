@@ -165,16 +165,16 @@ class _Server:
                 os.close(redundant)
             self.guardian.watch(pid, fds[0], token, grace, fds[1])
             return fds[0]
-        fresh = message[4]  # the spawn start method: no spare, a fork that execs python
         self.spawn(data, message, fds)
-        if not fresh and self.spare is None and self.spare_due is None:
-            self.spare_due = time.monotonic() + _SPARE_DELAY
         return -1
 
     def spawn(self, data: bytes, message: tuple[Any, ...], fds: list[int]) -> None:
         _, preload, payload, ward, fresh, stderr = message
         status_w, task_fds = fds[0], fds[1:]  # task_fds: the memfd (a big payload), then ``rest``
+        # ``fresh``: the spawn start method, a fork that execs python; it needs no spare.
         spare = None if fresh else self.take_spare()
+        if not fresh and self.spare is None and self.spare_due is None:
+            self.spare_due = time.monotonic() + _SPARE_DELAY
         if spare is not None:
             # Reply, then wake the spare, before any other work: that is the start's critical
             # path (and the spare, once woken, may take our CPU until its task is done).
