@@ -21,14 +21,17 @@ def _no_core() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def _sleeper(new_session: bool) -> list[int]:
+def _sleeper(new_session: bool, group: int = 0) -> list[int]:
     """Fork a child that sleeps until killed; in a new session (``setsid()``) with a child of its
-    own if asked. Return their pids, once they exist."""
+    own if asked, or in process ``group`` if given. Return their pids, once they exist (and the
+    child is in its group)."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(read_end)
+            if group:
+                os.setpgid(0, group)
             if new_session:
                 os.setsid()
                 grandchild = os.fork()
@@ -140,16 +143,5 @@ def leave_hopper(
 def join_group_then_sleep(token: CancellationToken, report: Connection, group: int) -> None:
     """Fork a child that joins process group ``group`` (a stranger's, in our session), reports its
     pid and sleeps; then return."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setpgid(0, group)
-            os.close(write_end)
-            time.sleep(DEADLINE)
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        f.read()  # EOF once the child has joined the group
+    (pid,) = _sleeper(new_session=False, group=group)
     report.send(pid)

@@ -119,46 +119,33 @@ def test_descendants_of_a_task_that_returned_are_killed_after_the_grace_period(
         sup.shutdown()
 
 
-@pytest.mark.parametrize("new_session", [False, True], ids=["same-group", "setsid"])
-def test_a_descendant_that_keeps_forking_is_killed_after_the_grace_period(
-    start_method: str, pipe: Pipe, new_session: bool
+@pytest.mark.parametrize(
+    ("ending", "new_session"),
+    [("returns", False), ("returns", True), ("stopped", True)],
+    ids=["returns-same-group", "returns-setsid", "stopped-setsid"],
+)
+def test_a_descendant_that_keeps_forking_is_killed(
+    start_method: str, pipe: Pipe, ending: str, new_session: bool
 ) -> None:
     """Test that a descendant that forks and exits every few ms (its pid never stays the same)
-    is still killed after the grace period once its task returned, under every start method."""
+    is still killed: after the grace period once its task returned, and by stop() of a task that
+    ignores SIGTERM when it left for its own session (the session is killed whole)."""
     reader, writer = pipe()
     sup = Supervisor(start_method=start_method, grace_period=0.2)
-    handle = sup.spawn(contain_tasks.leave_hopper, "hopper", args=(writer, new_session))
+    hang = ending == "stopped"
+    handle = sup.spawn(contain_tasks.leave_hopper, "hopper", args=(writer, new_session, hang))
     writer.close()
     group = 0
     try:
         assert reader.poll(DEADLINE)
         group = reader.recv()
-        assert handle.join(DEADLINE) is None
+        if hang:
+            with pytest.raises(TaskCrashedError, match="stopped on request"):
+                handle.stop(timeout=0)
+        else:
+            assert handle.join(DEADLINE) is None
         assert reader.poll(DEADLINE), "a generation of the hopper still holds the pipe"
         with pytest.raises(EOFError):  # every generation is gone
-            reader.recv()
-    finally:
-        if group:
-            with contextlib.suppress(OSError):
-                os.killpg(group, signal.SIGKILL)
-        sup.shutdown()
-
-
-def test_stop_kills_a_setsid_descendant_that_keeps_forking(start_method: str, pipe: Pipe) -> None:
-    """Test that stop() of a task that ignores SIGTERM also kills a descendant that left for its
-    own session and changes its pid every few ms (its session is killed whole)."""
-    reader, writer = pipe()
-    sup = Supervisor(start_method=start_method, grace_period=0.2)
-    handle = sup.spawn(contain_tasks.leave_hopper, "hopper", args=(writer, True, True))
-    writer.close()
-    group = 0
-    try:
-        assert reader.poll(DEADLINE)
-        group = reader.recv()
-        with pytest.raises(TaskCrashedError, match="stopped on request"):
-            handle.stop(timeout=0)
-        assert reader.poll(DEADLINE), "a generation of the hopper still holds the pipe"
-        with pytest.raises(EOFError):
             reader.recv()
     finally:
         if group:
@@ -187,7 +174,7 @@ def test_a_strangers_group_a_descendant_joined_is_left_alone(pipe: Pipe) -> None
         assert handle.join(DEADLINE) is None
         assert process_gone(joiner, DEADLINE)
         _Zygote.get()._call(("path", list(sys.path)), [])  # the zygote is done with that deadline
-        assert stranger.is_running()
+        assert not process_gone(stranger.pid, 0), "the strangers were killed"
     finally:
         stranger.kill()
         stranger.wait(DEADLINE)
