@@ -15,6 +15,8 @@ from multiprocessing.connection import Connection
 from procsup import CancellationToken
 
 DEADLINE = 30.0
+# Descendants sleep longer than any test waits for them to go: only a kill ends them in time.
+OUTLIVE = 3 * DEADLINE
 
 
 def _no_core() -> None:
@@ -37,11 +39,11 @@ def _sleeper(new_session: bool, group: int = 0) -> list[int]:
                 grandchild = os.fork()
                 if grandchild == 0:
                     os.close(write_end)
-                    time.sleep(DEADLINE)
+                    time.sleep(OUTLIVE)
                     os._exit(0)
                 os.write(write_end, f"{grandchild}".encode())
             os.close(write_end)
-            time.sleep(DEADLINE)
+            time.sleep(OUTLIVE)
         finally:
             os._exit(0)
     os.close(write_end)
@@ -52,16 +54,18 @@ def _sleeper(new_session: bool, group: int = 0) -> list[int]:
 
 def make_tree(token: CancellationToken, report: Connection, then: str) -> None:
     """Start a Popen grandchild, a forked one, and one that left for its own session (with a
-    child); report their pids (in that order); then ``then``: "segfault", "return" or "hang"
-    (ignoring cancellation and SIGTERM)."""
+    child); report their pids (in that order); then ``then``: "segfault", "exit"
+    (``os._exit(3)``), "return" or "hang" (ignoring cancellation and SIGTERM)."""
     _no_core()
-    popen = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({DEADLINE})"])
+    popen = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({OUTLIVE})"])
     pids = [popen.pid, *_sleeper(new_session=False), *_sleeper(new_session=True)]
     if then == "hang":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # before the handshake: stop() may follow
     report.send(pids)
     if then == "segfault":
         ctypes.string_at(0)
+    if then == "exit":
+        os._exit(3)
     if then == "return":
         return
     time.sleep(DEADLINE)
@@ -129,7 +133,7 @@ def leave_hopper(
             if new_session:
                 os.setsid()
             report.send(os.getpgid(0))
-            end = time.monotonic() + 3 * DEADLINE
+            end = time.monotonic() + OUTLIVE
             while time.monotonic() < end:
                 time.sleep(0.002)
                 if os.fork() != 0:

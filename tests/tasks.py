@@ -185,7 +185,7 @@ def ignore_sigterm(token: CancellationToken, ready: Connection) -> None:
 def tree_ignoring_cancel(token: CancellationToken, ready: Connection) -> None:
     pid = os.fork()
     if pid == 0:
-        time.sleep(DEADLINE)
+        time.sleep(3 * DEADLINE)  # longer than the test waits for it to go: only a kill ends it
         os._exit(0)
     ready.send(pid)
     ready.close()
