@@ -7,16 +7,14 @@
     spawn(payload, token*, grace) ───────▶ the spare (or a fork) becomes the task
                                              (PR_SET_PDEATHSIG=SIGKILL: it dies with us;
                                               spawn start method: a fork that execs python)
-    guard(pidfd, heirs, token*, grace) ──▶ a fork task: watch its pidfd
+    guard(shim pidfd, token*, grace) ────▶ a fork task: watch its shim's pidfd
     status pipe ◀── raw status + rusage ─── SIGCHLD ▶ wait4 ▶ reap()
                                            a dead task's descendants reparent here: every child
                                              that is neither a task nor the spare is an orphan,
                                              SIGKILLed (tree and all) once its task's grace period
                                              has passed; a spare that dies is reaped silently
-                                           a dead fork task: what it named on ``heirs`` as it
-                                             returned, killed the same way (they reparented to
-                                             init), and the sessions named, and its own process
-                                             group, killed whole
+                                           (a fork task's orphans go to its shim, which runs
+                                             this same Guardian for it: ``procsup._shim``)
     ✝ (SIGKILL, exit, crash) ── EOF ─────▶ SIGKILL the spare,
                                            cancel every ward's token ("supervisor died"),
                                            wait up to the grace period for them to exit,
@@ -36,7 +34,7 @@ Things that don't work
   even past the supervisor). A killed child stays in ``known`` until reaped, so its orphans are
   due at once, and a dying guardian kills every child it has left.
 - Letting init adopt a dead task's orphans: nobody would ever kill them. The zygote is a
-  subreaper, so they come to it; a fork task's orphans do not (see ``procsup._contain``).
+  subreaper, so they come to it; a fork task's go to its shim, a subreaper too.
 - Spawning with multiprocessing (the user's process the parent): the same gap as fork. The zygote
   forks spawn tasks too, and the child execs a fresh interpreter prepared as multiprocessing's
   spawn would (``procsup._spawned``).
@@ -57,7 +55,7 @@ import psutil
 from procsup import _contain
 from procsup._contain import exit_info, kill_tree
 
-__all__ = ["STATUS", "Guardian", "decode_status"]
+__all__ = ["STATUS", "Guardian", "children", "decode_status"]
 
 # Raw wait status, peak RSS (bytes), CPU seconds: what a zygote task's status pipe carries.
 STATUS = struct.Struct("iqd")
@@ -72,22 +70,16 @@ def decode_status(data: bytes) -> Any:
 
 
 class _Ward:
-    """One task the guardian answers for. ``token`` is borrowed; ``fd`` is the status pipe's write
-    end (zygote tasks) or a pidfd (fork tasks); ``heirs`` (fork tasks) a pipe's read end."""
+    """One task the guardian answers for. ``token`` is borrowed (None in a shim); ``fd`` is the
+    status pipe's write end (zygote tasks) or the pidfd of a fork task's shim."""
 
-    __slots__ = ("fd", "grace", "heirs", "pid", "token")
+    __slots__ = ("fd", "grace", "pid", "token")
 
-    def __init__(self, pid: int, fd: int, token: Any, grace: float, heirs: int = -1) -> None:
+    def __init__(self, pid: int, fd: int, token: Any, grace: float) -> None:
         self.pid = pid
         self.fd = fd
         self.token = token
         self.grace = grace
-        self.heirs = heirs  # fork tasks: the pipe on which the task names what it leaves behind
-
-    def close(self) -> None:
-        for fd in (self.fd, self.heirs):
-            if fd >= 0:
-                os.close(fd)
 
 
 class Guardian:
@@ -97,11 +89,9 @@ class Guardian:
     fork task's pidfd to its ward; ``spares`` holds the pids of unreaped spares (children forked
     ahead of a request, ``procsup._zygote_main``), never a task's; ``doomed`` is a heap of
     ``(deadline, pid, process, ours)``, each an orphan (``ours``: our child) or a process a dead
-    fork task named, to kill at ``deadline`` if still running; ``known`` maps the pids in
-    ``doomed``, and our killed children until reap() sees them exit, to their deadline;
-    ``groups`` is a heap of ``(deadline, id, leader's start time or None, is a session)``: the
-    process group of a dead fork task and the sessions its heirs started, to kill whole at
-    ``deadline``.
+    to kill at ``deadline`` if still running; ``known`` maps the pids in ``doomed``, and our
+    killed children until reap() sees them exit, to their deadline. A fork task's shim
+    (``procsup._shim``) runs one too, with its task as the only child ward.
     """
 
     def __init__(self) -> None:
@@ -110,25 +100,22 @@ class Guardian:
         self.doomed: list[tuple[float, int, psutil.Process, bool]] = []
         self.known: dict[int, float] = {}
         self.spares: set[int] = set()
-        self.groups: list[tuple[float, int, float | None, bool]] = []
         self.supervisor = os.getppid()
 
     def fds(self) -> list[int]:
         """Every fd the guardian holds (a forked task closes them)."""
-        watched = [fd for w in self.watched.values() for fd in (w.fd, w.heirs)]
-        return [w.fd for w in self.children.values()] + watched
+        return [w.fd for w in [*self.children.values(), *self.watched.values()]]
 
     def add_child(self, pid: int, status_w: int, token: Any, grace: float) -> None:
         self.children[pid] = _Ward(pid, status_w, token, grace)
 
-    def watch(self, pid: int, pidfd: int, token: Any, grace: float, heirs: int) -> None:
-        os.set_blocking(heirs, False)
-        self.watched[pidfd] = _Ward(pid, pidfd, token, grace, heirs)
+    def watch(self, pid: int, pidfd: int, token: Any, grace: float) -> None:
+        """Answer for the fork task whose shim is ``pid``: its task's orphans are the shim's."""
+        self.watched[pidfd] = _Ward(pid, pidfd, token, grace)
 
     def timeout(self) -> float | None:
-        """Seconds until the next deadline (an orphan's or a group's), or None."""
-        due = [heap[0][0] for heap in (self.doomed, self.groups) if heap]
-        return max(0.0, min(due) - time.monotonic()) if due else None
+        """Seconds until the next orphan is due, or None."""
+        return max(0.0, self.doomed[0][0] - time.monotonic()) if self.doomed else None
 
     def reap(self) -> int:
         """Reap every exited child: report tasks on their status pipe, doom new orphans.
@@ -166,25 +153,11 @@ class Guardian:
         return reported
 
     def watched_exited(self, pidfd: int) -> None:
-        """A fork task exited: doom what it named as left behind (a task that crashed named
-        nothing), and the process groups they and the task were in: a group is killed whole at
-        the deadline, so a member that forks and exits meanwhile cannot slip out of it."""
-        ward = self.watched.pop(pidfd)
-        data = b""
-        with contextlib.suppress(OSError):  # EAGAIN: nothing named
-            data = os.read(ward.heirs, 1 << 16)
-        ward.close()
-        deadline = time.monotonic() + ward.grace
-        heirs, sessions = _contain.heirs(data)
-        self._doom(heirs, deadline, ours=False)
-        for sid, leader in sessions.items():
-            heapq.heappush(self.groups, (deadline, sid, leader, True))
-        with contextlib.suppress(OSError):  # ESRCH: an empty group (the usual case)
-            os.killpg(ward.pid, 0)  # the task's own group; its leader, the task, is dead
-            heapq.heappush(self.groups, (deadline, ward.pid, None, False))
+        """A fork task's shim exited: the task and all it left behind are gone."""
+        os.close(self.watched.pop(pidfd).fd)
 
     def kill_due(self) -> None:
-        """SIGKILL (trees and all) every doomed process and group whose deadline has passed."""
+        """SIGKILL (trees and all) every doomed process whose deadline has passed."""
         now = time.monotonic()
         due = []
         while self.doomed and self.doomed[0][0] <= now:
@@ -196,19 +169,10 @@ class Guardian:
                 self.known.pop(pid, None)
             due.append(proc)
         _contain.kill_trees(due)
-        while self.groups and self.groups[0][0] <= now:
-            self._kill_group(heapq.heappop(self.groups))
-
-    def _kill_group(self, entry: tuple[float, int, float | None, bool]) -> None:
-        _, ident, leader, session = entry
-        if session:
-            _contain.kill_session(ident, leader)
-        else:
-            _contain.kill_group(ident, leader, (self.supervisor, os.getpid()))
 
     def _orphans(self) -> list[psutil.Process]:
         orphans = []
-        for pid in _children():
+        for pid in children():
             if pid not in self.children and pid not in self.known and pid not in self.spares:
                 with contextlib.suppress(psutil.Error):
                     orphans.append(psutil.Process(pid))
@@ -228,7 +192,7 @@ class Guardian:
         ``wait_fd`` becomes readable on SIGCHLD (the zygote's wake-up pipe).
         """
         wards = [*self.children.values(), *self.watched.values()]
-        if not wards and not self.doomed and not self.groups and not self._orphans():
+        if not wards and not self.doomed and not self._orphans():
             return
         grace = max((w.grace for w in wards), default=0.0)
         reason = (
@@ -247,11 +211,8 @@ class Guardian:
             victims = [entry[2] for entry in self.doomed] + self._orphans()
             self.doomed.clear()
             _contain.kill_trees(victims)
-            for entry in self.groups:
-                self._kill_group(entry)
-            self.groups.clear()
             self._wait(wait_fd, end)
-            if not _children() or time.monotonic() >= end:
+            if not children() or time.monotonic() >= end:
                 break
             _wait_readable(wait_fd, min(0.1, max(0.0, end - time.monotonic())))
 
@@ -284,7 +245,8 @@ class Guardian:
         self.reap()
 
 
-def _children() -> list[int]:
+def children() -> list[int]:
+    """The pids of this process's children (zombies included)."""
     me = os.getpid()
     try:
         with open(f"/proc/{me}/task/{me}/children") as f:

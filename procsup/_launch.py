@@ -9,8 +9,8 @@
                                result writer, token, stderr writer)
             forkserver: a ZygoteProcess (procsup's preloaded zygote forks it)
             spawn: a ZygoteProcess too (the zygote forks, the child execs a fresh interpreter)
-            fork: a ForkProcess (os.fork() here)
-        close our copies of the child's ends; fork tasks: the zygote guards them too
+            fork: a ForkProcess (os.fork() here makes a shim, which forks the task)
+        close our copies of the child's ends; fork tasks: the zygote guards their shim too
         TaskRecord ─▶ Monitor.add()  (procsup._monitor)
 """
 
@@ -86,7 +86,7 @@ def launch(
     stderr.close_child_end()
     setup.close()
     os.set_blocking(reader.fileno(), False)
-    if sup._method == "fork":  # the zygote watches its pidfd (the sentinel)
+    if sup._method == "fork":  # the zygote watches its shim
         _guard(sup, proc, token)
     task = TaskRecord(description, proc, token, parent, reader, proc.sentinel)
     task.stderr = stderr
@@ -118,7 +118,7 @@ def _process(
     if sup._method == "fork":
         for needed in needs:
             importlib.import_module(needed)
-        return ForkProcess(_task.main, args, name)
+        return ForkProcess(_task.main, args, name, grace=sup._grace)
     if sup._method == "spawn":  # the zygote forks and execs a fresh interpreter
         return ZygoteProcess(_task.main, args, name, fresh=True, **guarded)
     module = getattr(task_fn, "__module__", None)

@@ -16,6 +16,9 @@
                                                  reap, classify, cancel the parent (unless a stop
                                                  was requested), log, THEN publish on the Future
     handle.join() ◀─ Future.result(timeout) ─────┘
+                                             a fork task's shim still holding the task's orphans
+                                               (``procsup._shim``): its pidfd is watched, and it
+                                               is reaped once it exits; close() kills it first
 
 Things that don't work
 ----------------------
@@ -62,6 +65,7 @@ if TYPE_CHECKING:
     from procsup._contain import ExitInfo
     from procsup._stdio import StderrTap
     from procsup._token import CancellationToken
+    from procsup._zygote import Shim
 
 __all__ = ["KILL_WAIT", "REAP_DEADLINE", "Channel", "Monitor", "TaskRecord", "escalate"]
 
@@ -186,8 +190,9 @@ class Monitor:
     """The supervision thread and what it watches.
 
     Invariants: ``live`` holds every added task whose outcome is not published yet; after
-    ``exiting`` is set, ``add()`` refuses new tasks and the thread returns as soon as ``live`` is
-    empty (both under ``lock``). ``_roles`` maps every fd registered with ``_epoll`` to what it is
+    ``exiting`` is set, ``add()`` refuses new tasks and the thread, once ``live`` is empty (both
+    under ``lock``), kills the fork shims left in ``shims`` (pidfd -> shim, the thread's alone),
+    reaps them, and returns. ``_roles`` maps every fd registered with ``_epoll`` to what it is
     for; an entry is added just before its fd is registered (by any thread) and removed by the
     thread just after it is unregistered, before the fd is closed, so a reused fd number is never
     mistaken for its predecessor.
@@ -199,6 +204,7 @@ class Monitor:
         self._exiting = False
         self._epoll = select.epoll()
         self._roles: dict[int, tuple[str, TaskRecord | None]] = {}
+        self.shims: dict[int, Shim] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._watch(self._wake_r, "wake", None)
         self.timers = Timers(self._wake)  # restarts and timeouts: the poll timeout honours them
@@ -271,12 +277,17 @@ class Monitor:
                     elif role == "channel":
                         assert task is not None
                         self._pump(task, fd)
+                    elif role == "shim":
+                        self._unwatch(fd)
+                        self.shims.pop(fd).reap(None)  # it has exited
                     else:
                         assert task is not None
                         deaths.append(task)
                 # Results before deaths, so a frame that arrived with the death is not missed.
                 for task in deaths:
                     self._finish(task)
+                task = None  # while we wait, a finished task's record is kept by nobody here
+                deaths.clear()
                 self.timers.run_due()
                 with self.lock:
                     done = self._exiting and not self.live
@@ -286,7 +297,19 @@ class Monitor:
             logger.exception("procsup supervisor thread died; its tasks are no longer supervised")
         finally:
             self._lose_all()
+            self._end_shims()
             self.timers.run_all()  # pending restarts resolve (the supervisor is gone: no restart)
+
+    def _end_shims(self) -> None:
+        """Kill the fork shims still holding orphans (shutdown: they die now, not after the grace
+        period) and reap them."""
+        for fd, shim in list(self.shims.items()):
+            self._unwatch(fd)
+            shim.kill()
+            if not shim.reap(KILL_WAIT):
+                logger.error("procsup fork shim pid %d still alive after SIGKILL", shim.pid)
+                shim.drop()
+        self.shims.clear()
 
     def _pump(self, task: TaskRecord, fd: int) -> None:
         for channel in task.channels:
@@ -348,6 +371,12 @@ class Monitor:
             task.exited = True
         task.info = _contain.reap(task.proc)
         task.exitcode = exitcode = task.info.exitcode
+        shim = getattr(task.proc, "shim", None)
+        if shim is not None:  # a fork task's: it exits once the task's orphans are dead
+            task.proc.shim = None  # type: ignore[attr-defined]
+            if not shim.reap():
+                self.shims[shim.fd] = shim
+                self._watch(shim.fd, "shim", None)
         task.release()
         # The dead task can no longer give back its references to its token's subtree.
         prune(task.token)

@@ -10,9 +10,7 @@
     writer closed right after start                         (an awaitable runs in a fresh loop)
                                                             frame = encode_return / encode_error
     supervisor thread reads the pipe   ◀──── frame ──────  os.write(writer) until all is sent
-    and watches the process itself                          fork: name what is left below
-                                                            us (_contain.hand_over)
-                                                            return -> exit code 0
+    and watches the process itself                          return -> exit code 0
 
 The outcome is decided from the frame, and death from the process: a task that dies before its
 frame is complete crashed, whatever it wrote.
@@ -39,7 +37,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
-from procsup._contain import enter_task, hand_over
+from procsup._contain import enter_task
 from procsup._platform import detach_process_group
 from procsup._remote import encode_error, encode_return
 from procsup._stdio import attach
@@ -127,4 +125,3 @@ def main(
         pass
     finally:
         writer.close()
-    hand_over()  # under fork: what we leave behind, for the guardian to kill after the grace

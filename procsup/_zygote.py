@@ -26,9 +26,10 @@ forked once a task exits, or 5 ms after the start.
 the environment and multiprocessing's spawn preparation data; the zygote forks a child that execs
 python (``procsup._spawned``), so the zygote is the parent of spawn tasks too.
 
-``ForkProcess`` is the same contract for ``start_method="fork"``: ``os.fork()`` in the caller, the
-child runs the target directly, and the sentinel is a pidfd. It also makes the ``heirs`` pipe on
-which the task names the descendants it leaves behind (``procsup._contain.hand_over``).
+``ForkProcess`` is the same contract for ``start_method="fork"``: ``os.fork()`` in the caller makes
+a shim, a subreaper that forks the task and reports its end on a status pipe as the zygote does
+(``procsup._shim``); the supervision thread reaps the shim once it has disposed of the task's
+orphans, and the zygote guards it.
 
 Both are ``multiprocessing.Process`` look-alikes (``start``, ``pid``, ``sentinel``, ``join``,
 ``exitcode``, ``close``), so the supervisor treats every start method alike. Both children finish
@@ -67,8 +68,10 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from procsup import _contain
-from procsup._contain import ExitInfo, exit_info
+import psutil
+
+from procsup import _contain, _shim
+from procsup._contain import ExitInfo
 from procsup._guardian import STATUS, decode_status
 from procsup._token import borrow_args
 
@@ -149,7 +152,14 @@ class _LeanProcess:
             self.sentinel = -1
 
     def _collect(self) -> ExitInfo:
-        raise NotImplementedError
+        # The status pipe: the zygote, or a fork task's shim, writes the status once it has reaped.
+        data = os.read(self.sentinel, STATUS.size)
+        if len(data) < STATUS.size:
+            # The zygote or shim itself died, and the task with it (PR_SET_PDEATHSIG): the status
+            # is lost.
+            return ExitInfo(-signal.SIGKILL)
+        info: ExitInfo = decode_status(data)
+        return info
 
     # multiprocessing.reduction.DupFd calls these while we pickle (we are the "spawning popen").
     def duplicate_for_child(self, fd: int) -> int:
@@ -160,42 +170,99 @@ class _LeanProcess:
 
 
 class ForkProcess(_LeanProcess):
-    """A direct ``os.fork()`` child; the sentinel is a pidfd, so no grandchild can hold it."""
+    """A fork of this process, through a shim that stays its parent (``procsup._shim``); the
+    sentinel is the status pipe, on which the shim reports the task's end as the zygote does."""
 
-    heirs = -1  # read end of the pipe on which the task names what it leaves behind
+    def __init__(
+        self, target: Callable[..., Any], args: tuple[Any, ...], name: str = "", grace: float = 5.0
+    ) -> None:
+        super().__init__(target, args, name)
+        self._grace = grace  # how long the shim lets the task's orphans live after it
+        self.shim: Shim | None = None  # until the supervision thread takes it over
 
     def start(self) -> None:
-        self.heirs, heirs = os.pipe2(os.O_CLOEXEC)
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
         try:
             pid = os.fork()
         except BaseException:
-            os.close(heirs)
-            self.close()
+            os.close(read_end)
+            os.close(write_end)
             raise
-        if pid == 0:  # pragma: no cover - the child never returns
+        if pid == 0:  # pragma: no cover - the shim never returns
             code = 1
             try:
-                os.close(self.heirs)
-                _contain.heirs_fd = heirs
-                multiprocessing.process._children = set()  # type: ignore[attr-defined]
-                multiprocessing.util._run_after_forkers()  # type: ignore[attr-defined]
-                code = run_target(self._target, self._args)
+                os.close(read_end)
+                code = _shim.serve(write_end, self._grace, run_target, self._target, self._args)
             finally:
                 os._exit(code)
-        os.close(heirs)
-        self.pid = pid
-        self.sentinel = os.pidfd_open(pid)
+        os.close(write_end)
+        self.sentinel = read_end
+        try:
+            self.shim = Shim(pid)
+        except BaseException:
+            os.kill(pid, signal.SIGKILL)  # our child, not reaped yet: the pid is still its
+            os.waitpid(pid, 0)
+            self.close()
+            raise
+        data = _read_exactly(read_end, _shim.PID.size)
+        task = _shim.PID.unpack(data)[0] if len(data) == _shim.PID.size else 0
+        if task <= 0:
+            self.close()
+            if task < 0:
+                raise OSError(-task, f"procsup could not fork the task: {os.strerror(-task)}")
+            raise RuntimeError("procsup's fork shim exited before it could fork the task")
+        self.pid = task
 
     def close(self) -> None:
         super().close()
-        if self.heirs >= 0:
-            os.close(self.heirs)
-            self.heirs = -1
+        shim, self.shim = self.shim, None
+        if shim is not None:  # nobody took it over: the task has ended or never started
+            shim.kill()
+            shim.reap(None)
 
-    def _collect(self) -> ExitInfo:
-        assert self.pid is not None
-        _, status, usage = os.wait4(self.pid, 0)
-        return exit_info(status, usage)
+
+class Shim:
+    """The supervisor's hold on a fork task's shim: it must be reaped, and it may be killed with
+    everything it still holds (the task's orphans, or the task)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fd = os.pidfd_open(pid)  # readable once it has exited
+
+    def reap(self, timeout: float | None = 0) -> bool:
+        """Reap the shim if it exits within ``timeout`` seconds (None: wait); close the pidfd."""
+        if self.fd < 0:
+            return True
+        if not multiprocessing.connection.wait([self.fd], timeout):
+            return False
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+        os.close(self.fd)
+        self.fd = -1
+        return True
+
+    def kill(self) -> None:
+        """SIGKILL the shim and its tree, frozen first (``procsup._contain.kill_trees``). Until we
+        reap it, its pid cannot name another process."""
+        if self.fd >= 0:
+            with contextlib.suppress(psutil.Error):
+                _contain.kill_trees([psutil.Process(self.pid)])
+
+    def drop(self) -> None:
+        """Give up on a shim that does not exit: close the pidfd, leave it unreaped."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 class ZygoteProcess(_LeanProcess):
@@ -264,33 +331,19 @@ class ZygoteProcess(_LeanProcess):
             self._fds.clear()
         self.sentinel = read_end
 
-    def _collect(self) -> ExitInfo:
-        data = os.read(self.sentinel, STATUS.size)
-        if len(data) < STATUS.size:
-            # The zygote itself died, and the task with it (PR_SET_PDEATHSIG): the status is lost.
-            return ExitInfo(-signal.SIGKILL)
-        info: ExitInfo = decode_status(data)
-        return info
-
 
 def guard(proc: ForkProcess, token: CancellationToken, grace: float) -> None:
     """Make the zygote the guardian of a fork task: if this process dies, it cancels ``token``,
-    waits ``grace`` seconds, then kills the task's tree; and if the task dies first, it kills what
-    is left of its process group, and what the task named on ``proc.heirs``, after ``grace``.
-    Hands ``proc.heirs`` over to the zygote."""
-    assert proc.pid is not None
+    waits ``grace`` seconds, then kills the task's shim with its tree (``procsup._shim``)."""
+    assert proc.shim is not None
     collector = _LeanProcess(guard, ())
     multiprocessing.context.set_spawning_popen(collector)  # type: ignore[arg-type]
     try:
         args = borrow_args(token, collector)
     finally:
         multiprocessing.context.set_spawning_popen(None)
-    try:
-        message = ("guard", proc.pid, grace, args)
-        _Zygote.get().send(message, [proc.sentinel, proc.heirs, *collector._fds])
-    finally:
-        os.close(proc.heirs)
-        proc.heirs = -1
+    message = ("guard", proc.shim.pid, grace, args)
+    _Zygote.get().send(message, [proc.shim.fd, *collector._fds])
 
 
 class _Zygote:

@@ -159,11 +159,11 @@ class _Server:
             self.sock.send(pickle.dumps(("ok",)))
             return -1
         if message[0] == "guard":
-            _, pid, grace, args = message  # fds: the task's pidfd, its heirs pipe, the token's
-            token, redundant = _borrow(args, fds[2:])
+            _, pid, grace, args = message  # fds: the fork task's shim's pidfd, the token's
+            token, redundant = _borrow(args, fds[1:])
             if redundant >= 0:
                 os.close(redundant)
-            self.guardian.watch(pid, fds[0], token, grace, fds[1])
+            self.guardian.watch(pid, fds[0], token, grace)
             return fds[0]
         self.spawn(data, message, fds)
         return -1

@@ -141,7 +141,7 @@ def leave_hopper(
         finally:
             os._exit(0)
     if hang:
-        time.sleep(3 * DEADLINE)
+        time.sleep(OUTLIVE)
 
 
 def join_group_then_sleep(token: CancellationToken, report: Connection, group: int) -> None:
@@ -149,3 +149,11 @@ def join_group_then_sleep(token: CancellationToken, report: Connection, group: i
     pid and sleeps; then return."""
     (pid,) = _sleeper(new_session=False, group=group)
     report.send(pid)
+
+
+def orphan_then_wait(token: CancellationToken, report: Connection, go: Connection) -> None:
+    """Leave a setsid() descendant (with a child of its own); report our pid and theirs; return
+    once ``go`` says so."""
+    report.send((os.getpid(), _sleeper(new_session=True)))
+    if go.poll(DEADLINE):
+        go.recv()

@@ -26,7 +26,6 @@ from procsup import (
     _monitor,
     _supervisor,
 )
-from procsup._zygote import _Zygote
 from tests import contain_tasks
 from tests.conftest import process_gone
 from tests.tasks import DEADLINE
@@ -68,32 +67,29 @@ def test_stop_and_shutdown_kill_the_whole_tree_setsid_included(
     assert all(process_gone(pid, DEADLINE) for pid in [handle.pid, *descendants])
 
 
-def test_crash_kills_descendants_after_the_grace_period(start_method: str, pipe: Pipe) -> None:
-    """Test that a crashed task's descendants are killed after the grace period: every one under
-    forkserver and spawn (the zygote, a subreaper, is the task's parent), those still in its
-    process group under fork."""
+@pytest.mark.parametrize(("then", "exitcode"), [("segfault", -signal.SIGSEGV), ("exit", 3)])
+def test_crash_kills_descendants_after_the_grace_period(
+    start_method: str, pipe: Pipe, then: str, exitcode: int
+) -> None:
+    """Test that every descendant of a crashed task, setsid() ones included, is killed after the
+    grace period: they reparent to the task's parent, a subreaper (the zygote, or under fork the
+    task's shim)."""
     reader, writer = pipe()
     sup = Supervisor(start_method=start_method, grace_period=0.2)
     parent = CancellationToken()
-    handle = sup.spawn(
-        contain_tasks.make_tree, "tree", args=(writer, "segfault"), parent_token=parent
-    )
+    handle = sup.spawn(contain_tasks.make_tree, "tree", args=(writer, then), parent_token=parent)
     writer.close()
     assert reader.poll(DEADLINE)
     popen, forked, session_leader, session_child = reader.recv()
-    with pytest.raises(TaskCrashedError, match="SIGSEGV"):
+    with pytest.raises(TaskCrashedError) as info:
         handle.join(DEADLINE)
+    assert info.value.exitcode == exitcode
     assert parent.is_cancelled()
-    in_group = [popen, forked]
-    left_group = [session_leader, session_child]
+    descendants = [popen, forked, session_leader, session_child]
     try:
-        assert all(process_gone(pid, DEADLINE) for pid in in_group)
-        if start_method != "fork":
-            assert all(process_gone(pid, DEADLINE) for pid in left_group)
+        assert all(process_gone(pid, DEADLINE) for pid in descendants)
     finally:
-        # Under fork, a descendant that left the group of a *crashed* task reparents to init and
-        # escapes (documented in procsup._contain): clean up after it here.
-        _kill(left_group)
+        _kill(descendants)
         sup.shutdown()
 
 
@@ -101,8 +97,7 @@ def test_descendants_of_a_task_that_returned_are_killed_after_the_grace_period(
     start_method: str, pipe: Pipe
 ) -> None:
     """Test that every descendant a task leaves behind when it returns, setsid() ones included,
-    is killed after the grace period, under every start method (under fork the task names them
-    to the guardian on its way out)."""
+    is killed after the grace period, under every start method."""
     reader, writer = pipe()
     sup = Supervisor(start_method=start_method, grace_period=0.2)
     handle = sup.spawn(contain_tasks.make_tree, "tree", args=(writer, "return"))
@@ -154,10 +149,10 @@ def test_a_descendant_that_keeps_forking_is_killed(
         sup.shutdown()
 
 
-def test_a_strangers_group_a_descendant_joined_is_left_alone(pipe: Pipe) -> None:
-    """Test that when a fork task's descendant joins a process group of strangers (whose leader
-    is gone) and the task returns, the descendant is killed after the grace but the strangers
-    are not: procsup kills whole only the sessions a task's tree started."""
+def test_a_strangers_group_a_descendant_joined_is_left_alone(start_method: str, pipe: Pipe) -> None:
+    """Test that when a task's descendant joins a process group of strangers (whose leader is
+    gone) and the task returns, the descendant is killed after the grace but the strangers are
+    not: procsup kills whole only the sessions a task's tree started."""
     leader = subprocess.Popen(
         [sys.executable, "-c", "import os, time\nif os.fork() == 0: time.sleep(30)"],
         process_group=0,
@@ -165,15 +160,14 @@ def test_a_strangers_group_a_descendant_joined_is_left_alone(pipe: Pipe) -> None
     assert leader.wait(DEADLINE) == 0
     (stranger,) = [p for p in psutil.process_iter() if _pgid(p.pid) == leader.pid]
     reader, writer = pipe()
-    sup = Supervisor(start_method="fork", grace_period=0.1)
+    sup = Supervisor(start_method=start_method, grace_period=0.1)
     try:
         handle = sup.spawn(contain_tasks.join_group_then_sleep, "joiner", args=(writer, leader.pid))
         writer.close()
         assert reader.poll(DEADLINE)
         joiner = reader.recv()
         assert handle.join(DEADLINE) is None
-        assert process_gone(joiner, DEADLINE)
-        _Zygote.get()._call(("path", list(sys.path)), [])  # the zygote is done with that deadline
+        assert process_gone(joiner, DEADLINE)  # killed with everything its killer killed
         assert not process_gone(stranger.pid, 0), "the strangers were killed"
     finally:
         stranger.kill()
@@ -242,8 +236,7 @@ def test_supervisor_sigkill_cancels_tokens_then_kills_after_grace(
     ((_, stubborn_descendants),) = [(p, ds) for _, p, ds, honour in ready if not honour]
     # The task ignoring its token lives until the grace period ends, then dies with its tree (it
     # is a subreaper: its setsid() descendants are still below it). The orphans of the task that
-    # returned are killed too: they reparent to the zygote, a subreaper, or (fork) the task named
-    # them to it on its way out.
+    # returned are killed too: they reparent to the zygote or (fork) the task's shim, subreapers.
     doomed = [*descendants, *stubborn_descendants, *(d for ds in descendants.values() for d in ds)]
     try:
         assert all(process_gone(pid, DEADLINE) for pid in doomed)

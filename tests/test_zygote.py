@@ -106,10 +106,13 @@ def test_sentinel_ignores_grandchildren_holding_fds(starter: Callable[..., Any])
     grandchild = psutil.Process(reader.recv())
     reader.close()
     try:
-        assert finish(proc) == 0
+        proc.join(DEADLINE)
+        assert proc.exitcode == 0
         assert not process_gone(grandchild.pid, 0)  # a zombie counts as gone
     finally:
-        grandchild.kill()
+        proc.close()  # fork: the shim is dropped with what it holds, the grandchild included
+        with contextlib.suppress(psutil.NoSuchProcess):
+            grandchild.kill()
         grandchild.wait(DEADLINE)
 
 
