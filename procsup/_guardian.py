@@ -18,7 +18,7 @@
     ✝ (SIGKILL, exit, crash) ── EOF ─────▶ SIGKILL the spare,
                                            cancel every ward's token ("supervisor died"),
                                            wait up to the grace period for them to exit,
-                                           kill_tree() what is left, reap, exit
+                                           kill_trees() what is left, reap, exit
 
     token*: borrowed (``procsup._token.borrow_args``): the guardian holds no reference, so a
             token freed meanwhile reads as cancelled and nothing is released twice.
@@ -53,7 +53,7 @@ from typing import Any
 import psutil
 
 from procsup import _contain
-from procsup._contain import exit_info, kill_tree
+from procsup._contain import exit_info
 
 __all__ = ["STATUS", "Guardian", "children", "decode_status"]
 
@@ -88,8 +88,8 @@ class Guardian:
     Invariants: ``children`` maps each live zygote task's pid to its ward, ``watched`` each watched
     fork task's pidfd to its ward; ``spares`` holds the pids of unreaped spares (children forked
     ahead of a request, ``procsup._zygote_main``), never a task's; ``doomed`` is a heap of
-    ``(deadline, pid, process, ours)``, each an orphan (``ours``: our child) or a process a dead
-    to kill at ``deadline`` if still running; ``known`` maps the pids in ``doomed``, and our
+    ``(deadline, pid, process)``, each an orphan (our child), to kill at ``deadline`` if still
+    running; ``known`` maps the pids in ``doomed``, and our
     killed children until reap() sees them exit, to their deadline. A fork task's shim
     (``procsup._shim``) runs one too, with its task as the only child ward.
     """
@@ -97,7 +97,7 @@ class Guardian:
     def __init__(self) -> None:
         self.children: dict[int, _Ward] = {}
         self.watched: dict[int, _Ward] = {}
-        self.doomed: list[tuple[float, int, psutil.Process, bool]] = []
+        self.doomed: list[tuple[float, int, psutil.Process]] = []
         self.known: dict[int, float] = {}
         self.spares: set[int] = set()
         self.supervisor = os.getppid()
@@ -149,7 +149,7 @@ class Guardian:
             os.close(ward.fd)
             reported += 1
         if deadlines:
-            self._doom(self._orphans(), max(deadlines), ours=True)
+            self._doom(self._orphans(), max(deadlines))
         return reported
 
     def watched_exited(self, pidfd: int) -> None:
@@ -161,12 +161,10 @@ class Guardian:
         now = time.monotonic()
         due = []
         while self.doomed and self.doomed[0][0] <= now:
-            _, pid, proc, ours = heapq.heappop(self.doomed)
-            if ours and pid in self.known:
+            _, pid, proc = heapq.heappop(self.doomed)
+            if pid in self.known:
                 # Until reap() sees it die, its orphans (it may fork as it dies) are due at once.
                 self.known[pid] = now
-            else:
-                self.known.pop(pid, None)
             due.append(proc)
         _contain.kill_trees(due)
 
@@ -178,13 +176,12 @@ class Guardian:
                     orphans.append(psutil.Process(pid))
         return orphans
 
-    def _doom(self, procs: list[psutil.Process], deadline: float, *, ours: bool) -> None:
-        """Kill ``procs`` at ``deadline``; ``ours``: they are our children (orphans), so reap()
-        will see them exit."""
+    def _doom(self, procs: list[psutil.Process], deadline: float) -> None:
+        """Kill ``procs`` (our children, orphans: reap() sees them exit) at ``deadline``."""
         for proc in procs:
             if proc.pid not in self.known:
                 self.known[proc.pid] = deadline
-                heapq.heappush(self.doomed, (deadline, proc.pid, proc, ours))
+                heapq.heappush(self.doomed, (deadline, proc.pid, proc))
 
     def supervisor_gone(self, wait_fd: int) -> None:
         """The supervisor's socket hit EOF: cancel every ward, grace, kill, reap. Then return.
@@ -204,27 +201,28 @@ class Guardian:
                 ward.token.cancel(reason)
         deadline = time.monotonic() + grace
         self._wait(wait_fd, deadline)
-        for ward in [*self.children.values(), *self.watched.values()]:
-            self._kill_ward(ward)
+        # Every ward's tree at once: one freeze (a /proc scan a round) for all of them, so a
+        # process forking in one tree cannot outrun the kill while the others are handled.
+        # A fork task's shim is not our child: its pid is only ours to signal while its pidfd
+        # says it has not exited.
+        roots = [*self.children, *(w.pid for w in self.watched.values() if not _exited(w.fd))]
+        victims = [entry[2] for entry in self.doomed]
+        for pid in roots:
+            with contextlib.suppress(psutil.Error):
+                victims.append(psutil.Process(pid))
         end = time.monotonic() + _REAP_AFTER_KILL
         while True:  # until no child is left: killed ones may leave orphans as they die
-            victims = [entry[2] for entry in self.doomed] + self._orphans()
+            victims += [entry[2] for entry in self.doomed] + self._orphans()
             self.doomed.clear()
             _contain.kill_trees(victims)
+            for ward in self.watched.values():
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(ward.fd, signal.SIGKILL)
+            victims = []
             self._wait(wait_fd, end)
             if not children() or time.monotonic() >= end:
                 break
             _wait_readable(wait_fd, min(0.1, max(0.0, end - time.monotonic())))
-
-    def _kill_ward(self, ward: _Ward) -> None:
-        if ward.pid in self.children:
-            kill_tree(ward.pid)
-            return
-        # Not our child: its pid is only ours to signal while its pidfd says it has not exited.
-        if not _exited(ward.fd):
-            kill_tree(ward.pid)
-        with contextlib.suppress(OSError):
-            signal.pidfd_send_signal(ward.fd, signal.SIGKILL)
 
     def _wait(self, wait_fd: int, deadline: float) -> None:
         """Reap (and watch pidfds) until every ward has exited or ``deadline`` passes."""

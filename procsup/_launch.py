@@ -70,6 +70,7 @@ def launch(
     try:
         proc.start()
     except BaseException as exc:
+        proc.close()  # fork: the shim, if one is left, is killed with what it holds
         reader.close()
         writer.close()
         stderr.close()

@@ -4,7 +4,8 @@
 
     supervisor                      shim (a fork of the supervisor)     task (a fork of the shim)
     ──────────                      ───────────────────────────────     ─────────────────────────
-    ForkProcess.start():            a subreaper; every signal blocked
+    ForkProcess.start(), every      a subreaper; every signal blocked
+    signal blocked across fork:
       os.fork() ──────────────────▶ os.fork() ────────────────────────▶ signals as they were,
                                     close every fd but the status pipe    PR_SET_PDEATHSIG (dies
       pid ◀──── status pipe ─────── the task's pid                        with the shim), then
@@ -35,8 +36,12 @@ Things that don't work
 - A shim that exits with its task: the task's orphans would go to init. It stays until they are
   dead; the status goes up the pipe the moment the task is reaped, so nothing waits on it.
 - Signals reaching the shim: Ctrl-C or a SIGTERM sent to the user's process group would kill it
-  and free the task's orphans. Every signal but SIGKILL is blocked; SIGCHLD is taken with
-  ``sigtimedwait``.
+  and free the task's orphans. Every signal that can be is blocked, from before the fork (a
+  thread started in the shim by a user's at-fork hook inherits the mask: if it took SIGCHLD, the
+  shim would wait forever); SIGCHLD is taken with ``sigtimedwait``.
+- Running nothing of the user's in the shim: it is made by ``os.fork()``, so the user's
+  ``os.register_at_fork`` hooks run in it (and again for the task). A fork that skips them cannot
+  be had from Python without skipping them in the task too.
 """
 
 from __future__ import annotations
@@ -56,22 +61,24 @@ from procsup._guardian import Guardian, children
 __all__ = ["PID", "serve"]
 
 PID = struct.Struct("i")  # the first thing on the status pipe: the task's pid, or -errno
+_WAIT_CAP = 1.0  # seconds the shim waits for SIGCHLD before it looks for exited children anyway
 
 
 def serve(
     status_w: int,
     grace: float,
+    mask: set[int | signal.Signals],
     run: Callable[[Callable[..., Any], tuple[Any, ...]], int],
     target: Callable[..., Any],
     args: tuple[Any, ...],
 ) -> int:
-    """In the shim (a fresh ``os.fork()`` of the supervisor): fork the task, which runs
-    ``run(target, args)``; report its pid, then its end, on ``status_w``; kill its orphans after
-    ``grace`` seconds; return once no child is left. Never returns in the task."""
+    """In the shim (a fresh ``os.fork()`` of the supervisor, forked with every signal blocked):
+    fork the task, which gets the signal ``mask`` back and runs ``run(target, args)``; report its
+    pid, then its end, on ``status_w``; kill its orphans after ``grace`` seconds; return once no
+    child is left. Never returns in the task."""
     if status_w < 3:  # fds 0-2 are about to become /dev/null
         status_w = fcntl.fcntl(status_w, fcntl.F_DUPFD_CLOEXEC, 3)
     _platform.set_child_subreaper()
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     sigchld = signal.getsignal(signal.SIGCHLD)
     if sigchld == signal.SIG_IGN:  # children would be reaped by the kernel, status and all
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -87,8 +94,8 @@ def serve(
             os.close(status_w)
             if sigchld == signal.SIG_IGN:
                 signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            _platform.set_parent_death_signal(signal.SIGKILL)  # the shim has one thread
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            _platform.set_parent_death_signal(signal.SIGKILL)  # its thread lives as the shim does
             if os.getppid() == shim:
                 multiprocessing.process._children = set()  # type: ignore[attr-defined]
                 multiprocessing.util._run_after_forkers()  # type: ignore[attr-defined]
@@ -111,8 +118,7 @@ def serve(
         guardian.kill_due()
         if not children():
             return 0
-        due = guardian.timeout()  # a pending SIGCHLD (blocked, so never lost) ends the wait
-        if due is None:
-            signal.sigwaitinfo([signal.SIGCHLD])
-        else:
-            signal.sigtimedwait([signal.SIGCHLD], due)
+        # A pending SIGCHLD (blocked, so never lost) ends the wait; the cap is for a thread that
+        # unblocked it (a user's at-fork hook may start one here) and took it instead.
+        due = guardian.timeout()
+        signal.sigtimedwait([signal.SIGCHLD], _WAIT_CAP if due is None else min(due, _WAIT_CAP))

@@ -90,6 +90,8 @@ __all__ = [
 
 _INLINE = 64 * 1024  # larger payloads travel in a memfd, not in the datagram
 MAX_FDS = 250  # SCM_RIGHTS limit per message is 253
+_SHIM_KILL_WAIT = 5.0  # seconds a SIGKILLed shim gets to exit before it is left unreaped
+_STARTING = threading.Lock()  # held from making a child's pipe to closing our copy of its end
 inherited: list[int] = []  # in a zygote child: the fds its pickle's DupFd indices point at
 
 
@@ -181,36 +183,49 @@ class ForkProcess(_LeanProcess):
         self.shim: Shim | None = None  # until the supervision thread takes it over
 
     def start(self) -> None:
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        # Every signal blocked across the fork: the shim starts with them blocked, and so does
+        # any thread a user's at-fork hook starts in it (one that took SIGCHLD would leave the
+        # shim waiting forever); the shim gives the task ``mask`` back.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
-            pid = os.fork()
-        except BaseException:
-            os.close(read_end)
-            os.close(write_end)
-            raise
-        if pid == 0:  # pragma: no cover - the shim never returns
-            code = 1
-            try:
-                os.close(read_end)
-                code = _shim.serve(write_end, self._grace, run_target, self._target, self._args)
-            finally:
-                os._exit(code)
-        os.close(write_end)
+            with _STARTING:  # no fork of ours in another thread copies our write end
+                read_end, write_end = os.pipe2(os.O_CLOEXEC)
+                try:
+                    pid = os.fork()
+                except BaseException:
+                    os.close(read_end)
+                    os.close(write_end)
+                    raise
+                if pid == 0:  # pragma: no cover - the shim never returns
+                    code = 1
+                    try:
+                        os.close(read_end)
+                        code = _shim.serve(
+                            write_end, self._grace, mask, run_target, self._target, self._args
+                        )
+                    finally:
+                        os._exit(code)
+                os.close(write_end)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.sentinel = read_end
-        try:
-            self.shim = Shim(pid)
-        except BaseException:
-            os.kill(pid, signal.SIGKILL)  # our child, not reaped yet: the pid is still its
-            os.waitpid(pid, 0)
-            self.close()
-            raise
-        data = _read_exactly(read_end, _shim.PID.size)
-        task = _shim.PID.unpack(data)[0] if len(data) == _shim.PID.size else 0
-        if task <= 0:
-            self.close()
+        try:  # from here on anything raised (Ctrl-C included) takes the shim and task down
+            with contextlib.suppress(ProcessLookupError):  # SIGCHLD ignored: reaped already
+                self.shim = Shim(pid)
+            data = _read_exactly(read_end, _shim.PID.size)
+            task = _shim.PID.unpack(data)[0] if len(data) == _shim.PID.size else 0
             if task < 0:
                 raise OSError(-task, f"procsup could not fork the task: {os.strerror(-task)}")
-            raise RuntimeError("procsup's fork shim exited before it could fork the task")
+            if task == 0:
+                raise RuntimeError("procsup's fork shim exited before it could fork the task")
+        except BaseException:
+            if self.shim is None:  # no pidfd: only a child not reaped yet is safe to signal
+                with contextlib.suppress(OSError):  # ChildProcessError: SIGCHLD ignored
+                    if not os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                        os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+            self.close()
+            raise
         self.pid = task
 
     def close(self) -> None:
@@ -218,7 +233,8 @@ class ForkProcess(_LeanProcess):
         shim, self.shim = self.shim, None
         if shim is not None:  # nobody took it over: the task has ended or never started
             shim.kill()
-            shim.reap(None)
+            if not shim.reap(_SHIM_KILL_WAIT):
+                shim.drop()
 
 
 class Shim:
@@ -235,16 +251,16 @@ class Shim:
             return True
         if not multiprocessing.connection.wait([self.fd], timeout):
             return False
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, 0)
+        with contextlib.suppress(ChildProcessError):  # SIGCHLD ignored: the kernel reaped it
+            os.waitid(os.P_PIDFD, self.fd, os.WEXITED)
         os.close(self.fd)
         self.fd = -1
         return True
 
     def kill(self) -> None:
-        """SIGKILL the shim and its tree, frozen first (``procsup._contain.kill_trees``). Until we
-        reap it, its pid cannot name another process."""
-        if self.fd >= 0:
+        """SIGKILL the shim and its tree, frozen first (``procsup._contain.kill_trees``), unless
+        its pidfd says it has exited (psutil checks start times against a reused pid too)."""
+        if self.fd >= 0 and not multiprocessing.connection.wait([self.fd], 0):
             with contextlib.suppress(psutil.Error):
                 _contain.kill_trees([psutil.Process(self.pid)])
 
@@ -316,26 +332,28 @@ class ZygoteProcess(_LeanProcess):
                 bytes(payload),
             )
             payload = memoryview(pickle.dumps(fresh, pickle.HIGHEST_PROTOCOL))
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        try:
-            zygote = _Zygote.get()
-            zygote.sync_path()
-            self.pid = zygote.spawn(
-                self._preload, payload, [write_end, *self._fds], ward, self._fresh, stderr
-            )
-        except BaseException:
-            os.close(read_end)
-            raise
-        finally:
-            os.close(write_end)
-            self._fds.clear()
+        zygote = _Zygote.get()
+        zygote.sync_path()
+        with _STARTING:  # a fork task started meanwhile would keep a copy of our write end
+            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            try:
+                self.pid = zygote.spawn(
+                    self._preload, payload, [write_end, *self._fds], ward, self._fresh, stderr
+                )
+            except BaseException:
+                os.close(read_end)
+                raise
+            finally:
+                os.close(write_end)
+                self._fds.clear()
         self.sentinel = read_end
 
 
 def guard(proc: ForkProcess, token: CancellationToken, grace: float) -> None:
     """Make the zygote the guardian of a fork task: if this process dies, it cancels ``token``,
     waits ``grace`` seconds, then kills the task's shim with its tree (``procsup._shim``)."""
-    assert proc.shim is not None
+    if proc.shim is None:  # SIGCHLD is ignored here and the kernel reaped it: all is over
+        return
     collector = _LeanProcess(guard, ())
     multiprocessing.context.set_spawning_popen(collector)  # type: ignore[arg-type]
     try:
@@ -460,6 +478,9 @@ def daemon_fds() -> list[int]:
 def _after_fork_in_child() -> None:
     # A forked child must not talk over its parent's zygote socket; it starts its own if needed.
     # Nor keep it open: the zygote must see EOF when the parent dies, whoever outlives it.
+    # Nor inherit a held lock: a fork task is forked under _STARTING, and may start tasks itself.
+    global _STARTING
+    _STARTING = threading.Lock()
     _Zygote._instance_lock = threading.Lock()
     zygote = _Zygote._instance
     if zygote is not None:

@@ -75,6 +75,9 @@ _ANCILLARY = socket.CMSG_SPACE(MAX_FDS * 4)
 _SPARE_DELAY = 0.005
 
 
+_HELD = {signal.SIGTERM, signal.SIGHUP}  # blocked in the zygote, unblocked in its children
+
+
 def serve() -> None:
     """Zygote main loop: start a task per request, report each task's exit on its status pipe,
     and guard every task (``procsup._guardian``) until the supervisor's socket closes."""
@@ -83,6 +86,9 @@ def serve() -> None:
     signal.set_wakeup_fd(server.wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the supervisor to handle
+    # A SIGTERM or SIGHUP sent to the supervisor's process group must not end the guardian: it
+    # learns of the supervisor's death from its socket, then cancels, waits, kills.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
     server.run()
 
 
@@ -297,6 +303,7 @@ def _become_child(zygote: int, close: list[int]) -> None:
         os.close(fd)
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)  # the mask survives execve too
 
 
 def _spare_main(sock: socket.socket, zygote: int, close: list[int]) -> NoReturn:

@@ -78,3 +78,7 @@ def report_origin(conn: Connection, variable: str) -> None:
 
 def report_flags(conn: Connection) -> None:
     conn.send((sys.flags.optimize, sys.flags.dev_mode, sys.warnoptions))
+
+
+def wait_for(token: CancellationToken) -> None:
+    token.wait(30)

@@ -3,20 +3,27 @@ signals, holding no fd of the supervisor's, reaped by the supervision thread, ki
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
-from procsup import CriticalTaskExecutionHandle, Supervisor
-from tests import contain_tasks
+from procsup import CancellationToken, CriticalTaskExecutionHandle, Supervisor, _zygote
+from procsup._zygote import ForkProcess
+from tests import contain_tasks, process_tasks, tasks
 from tests.conftest import process_gone
 from tests.tasks import DEADLINE
+
+ROOT = Path(__file__).resolve().parent.parent
 
 Pipe = Callable[[], tuple[Connection, Connection]]
 
@@ -114,3 +121,98 @@ def test_a_task_started_by_a_thread_that_ends_lives_on(start_method: str, pipe: 
         assert all(process_gone(p, DEADLINE) for p in descendants)
     finally:
         sup.shutdown()
+
+
+def test_a_thread_an_at_fork_hook_starts_in_the_shim_cannot_take_its_sigchld(
+    start_method: str,
+) -> None:
+    """Test that when a user's at-fork hook starts a thread (it runs in the shim too), every
+    thread of the shim has SIGCHLD blocked, results come back and shims exit. Run in a separate
+    process: a hook cannot be unregistered."""
+    script = subprocess.run(
+        [sys.executable, "-m", "tests.atfork_script", "20"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert script.returncode == 0, script.stdout + script.stderr
+    assert script.stdout.strip() == "ok"
+
+
+def test_concurrent_fork_starts_keep_their_status_pipes_to_themselves(start_method: str) -> None:
+    """Test that fork tasks started from several threads at once never inherit the write end of
+    another task's status pipe: one would hold it open, and a shim killed without reporting
+    would then never be seen to end."""
+    token = CancellationToken()
+    procs: list[ForkProcess] = []
+    lock = threading.Lock()
+
+    def start() -> None:
+        for _ in range(10):
+            proc = ForkProcess(process_tasks.wait_for, (token,))
+            proc.start()
+            with lock:
+                procs.append(proc)
+
+    threads = [threading.Thread(target=start) for _ in range(5)]
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns between any two bytecodes
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(DEADLINE)
+    finally:
+        sys.setswitchinterval(switching)
+    try:
+        assert len(procs) == 50
+        pipes = {f"pipe:[{os.fstat(proc.sentinel).st_ino}]": proc.pid for proc in procs}
+        for proc in procs:
+            for fd in os.listdir(f"/proc/{proc.pid}/fd"):
+                with contextlib.suppress(OSError):  # closed meanwhile (the task's own end)
+                    target = os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+                    with open(f"/proc/{proc.pid}/fdinfo/{fd}") as f:
+                        (flags,) = [int(ln.split()[1], 8) for ln in f if ln.startswith("flags:")]
+                    owner = pipes.get(target)
+                    writes = flags & os.O_ACCMODE == os.O_WRONLY
+                    assert not (writes and owner not in (None, proc.pid)), (proc.pid, owner)
+    finally:
+        token.cancel("done")
+        for proc in procs:
+            proc.join(DEADLINE)
+            assert proc.exitcode == 0
+            proc.close()
+
+
+def test_ctrl_c_while_a_fork_task_starts_leaves_nothing_behind(
+    start_method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Test that KeyboardInterrupt raised while start() waits for the shim's report kills the
+    shim and the task and closes every fd (the autouse leak check sees any left)."""
+
+    def interrupted(fd: int, size: int) -> bytes:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_zygote, "_read_exactly", interrupted)
+    with Supervisor(start_method="fork") as sup, pytest.raises(KeyboardInterrupt):
+        sup.spawn(tasks.return_value, "interrupted", args=(1,))
+
+
+def test_a_shim_the_kernel_reaped_is_not_waited_for(
+    start_method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Test that with SIGCHLD ignored, a shim already reaped by the kernel when start() looks for
+    it (its pidfd cannot be had) costs nothing: the result comes back, nothing is signalled."""
+
+    def reaped(pid: int) -> None:
+        raise ProcessLookupError(pid)
+
+    monkeypatch.setattr(_zygote, "Shim", reaped)
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        with Supervisor(start_method="fork") as sup:
+            assert sup.spawn(tasks.return_value, "fast", args=(7,)).join(DEADLINE) == 7
+    finally:
+        signal.signal(signal.SIGCHLD, previous)

@@ -377,3 +377,17 @@ def test_the_zygote_imports_asyncio_for_the_first_async_task_only() -> None:
         """
     )
     subprocess.run([sys.executable, "-c", code], timeout=30, cwd=ROOT, check=True)
+
+
+def test_sigterm_or_sighup_to_the_process_group_leaves_the_zygote_guarding() -> None:
+    """Test that SIGTERM and SIGHUP (sent to the supervisor's process group, say) do not end the
+    zygote, the guardian: it learns of the supervisor's death from its socket; and that the
+    tasks it starts still take SIGTERM (unblocked in every child)."""
+    zygote = _Zygote.get()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        zygote._process.send_signal(signum)
+    proc = ZygoteProcess(process_tasks.kill_self, (signal.SIGTERM,))
+    proc.start()
+    assert finish(proc) == -signal.SIGTERM
+    assert _Zygote.get() is zygote
+    assert zygote._process.poll() is None
