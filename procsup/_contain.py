@@ -134,8 +134,9 @@ def kill_tree(pid: int, signum: int = signal.SIGKILL) -> None:
 def kill_trees(roots: list[psutil.Process]) -> None:
     """SIGKILL each of ``roots`` still running, the process group it leads, and every descendant;
     never raises. The trees are frozen first (SIGSTOP, then walked again until a walk finds
-    nothing new), so a process forking at the wrong moment cannot leave a child behind. A walk is
-    one scan of /proc for all the trees: a hundred trees cost a few scans, not a few hundred."""
+    nothing new), so a process forking at the wrong moment cannot leave a child behind; a session
+    started inside them is killed whole as soon as a walk meets it. A walk is one scan of /proc
+    for all the trees (zombies left out): a hundred trees cost a few scans, not a few hundred."""
     seen: dict[int, psutil.Process] = {}
     for proc in roots:
         with contextlib.suppress(psutil.Error):
@@ -145,6 +146,26 @@ def kill_trees(roots: list[psutil.Process]) -> None:
     if not seen:
         return
     leaders = list(seen)
+    # Sessions started inside the trees are killed whole, on sight (``_kill_session``): a
+    # setsid() process that forks and exits faster than a walk would keep a freeze from ever
+    # settling, and is still in its session. Not ours to kill whole: our own session, and the
+    # session of a root that did not start it.
+    outside = {os.getsid(0)}
+    for pid in leaders:
+        with contextlib.suppress(OSError):
+            if os.getsid(pid) != pid:
+                outside.add(os.getsid(pid))
+    killed: set[int] = set()
+
+    def kill_sessions(procs: list[psutil.Process]) -> None:
+        for proc in procs:
+            with contextlib.suppress(OSError):
+                sid = os.getsid(proc.pid)
+                if sid not in outside and sid not in killed:
+                    killed.add(sid)
+                    _kill_session(sid, seen)
+
+    kill_sessions(list(seen.values()))
     for _ in range(_FREEZE_ROUNDS):
         new = _descendants(seen)
         if not new:
@@ -152,53 +173,48 @@ def kill_trees(roots: list[psutil.Process]) -> None:
         for proc in new:
             seen[proc.pid] = proc
             _send(proc, signal.SIGSTOP)
+        kill_sessions(new)
     for pid in leaders:  # the groups too: members that left the trees
         with contextlib.suppress(OSError):
             if os.getpgid(pid) == pid:
                 os.killpg(pid, signal.SIGKILL)
-    # Sessions started inside the trees, whole (see above): a setsid() process that forks
-    # and exits faster than a walk lost it is still in its session.
-    # Not ours to kill whole: our own session, and the session of a root that did not start it.
-    outside = {os.getsid(0)}
-    for pid in leaders:
-        with contextlib.suppress(OSError):
-            if os.getsid(pid) != pid:
-                outside.add(os.getsid(pid))
-    inside = set()
-    for proc in seen.values():
-        with contextlib.suppress(OSError):
-            inside.add(os.getsid(proc.pid))
-    for sid in inside - outside:
-        _kill_session(sid, seen)
     for proc in seen.values():
         _send(proc, signal.SIGKILL)
 
 
 def _kill_session(sid: int, seen: dict[int, psutil.Process]) -> None:
-    """Freeze every member of session ``sid`` (scanning again until none is new), adding each to
-    ``seen``, then SIGKILL them."""
-    members: dict[int, psutil.Process] = {}
+    """SIGKILL every live member of session ``sid`` on sight, adding each to ``seen``, scanning
+    again until a scan finds none. Each process group in it is signalled whole: the kernel fails
+    a fork that a group signal interrupts, so a member forking every few milliseconds cannot
+    outrun it the way it outruns a scan. Nothing is frozen first: every member descends from
+    the trees being killed (see ``kill_trees``), and what a killed member leaves stays in the
+    session."""
     for _ in range(_FREEZE_ROUNDS):
-        new = []
-        for proc in psutil.process_iter():
+        live = []
+        for proc in psutil.process_iter(["status"]):
             with contextlib.suppress(OSError):
-                if proc.pid not in members and os.getsid(proc.pid) == sid:
-                    new.append(proc)
-        if not new:
-            break
-        for proc in new:
-            members[proc.pid] = proc
-            _send(proc, signal.SIGSTOP)
-    seen.update(members)
-    for proc in members.values():
-        _send(proc, signal.SIGKILL)
+                if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getsid(proc.pid) == sid:
+                    live.append(proc)
+        if not live:
+            return
+        groups = set()
+        for proc in live:
+            with contextlib.suppress(OSError):
+                groups.add(os.getpgid(proc.pid))
+        for pgid in groups:
+            with contextlib.suppress(OSError):
+                os.killpg(pgid, signal.SIGKILL)
+        for proc in live:
+            seen[proc.pid] = proc
+            _send(proc, signal.SIGKILL)
 
 
 def _descendants(known: dict[int, psutil.Process]) -> list[psutil.Process]:
     """Every live descendant of the processes in ``known`` that is not in it (one /proc scan)."""
     children: dict[int, list[psutil.Process]] = {}
-    for proc in psutil.process_iter(["ppid"]):
-        children.setdefault(proc.info["ppid"], []).append(proc)
+    for proc in psutil.process_iter(["ppid", "status"]):
+        if proc.info["status"] != psutil.STATUS_ZOMBIE:  # dead, and its children are elsewhere
+            children.setdefault(proc.info["ppid"], []).append(proc)
     found = []
     visited = set(known)
     stack = list(known)

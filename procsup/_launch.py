@@ -31,7 +31,7 @@ from procsup._monitor import Monitor, TaskRecord
 from procsup._options import TaskOptions
 from procsup._stdio import StderrTap
 from procsup._token import CancellationToken
-from procsup._zygote import ForkProcess, ZygoteProcess, guard
+from procsup._zygote import ForkProcess, ZygoteProcess, guard, uninterrupted
 
 if TYPE_CHECKING:
     from procsup._supervisor import Supervisor
@@ -67,41 +67,47 @@ def launch(
         description,
         (target, tuple(args), dict(kwargs or {}), writer, token, stderr.child_end),
     )
+
+    def discard() -> None:  # the task's process (if any) killed and reaped, every fd closed
+        if proc.pid is not None:
+            _platform.signal_tree(proc.pid, signal.SIGKILL)
+            proc.join()
+        proc.close()  # fork: the shim, if one is left, is killed with what it holds
+        for end in (reader, writer, stderr, setup, *channels):
+            end.close()
+
     try:
         proc.start()
     except BaseException as exc:
-        proc.close()  # fork: the shim, if one is left, is killed with what it holds
-        reader.close()
-        writer.close()
-        stderr.close()
-        setup.close()
-        for channel in channels:
-            channel.close()
+        uninterrupted(discard)
         if isinstance(exc, pickle.PicklingError | TypeError | AttributeError):
             raise TypeError(
                 f"critical task {description!r} could not be started: its function, args "
                 f"and kwargs must be picklable under the {sup._method!r} start method ({exc})"
             ) from exc
         raise
-    writer.close()  # so the child holds the only write end we know of
-    stderr.close_child_end()
-    setup.close()
-    os.set_blocking(reader.fileno(), False)
-    if sup._method == "fork":  # the zygote watches its shim
-        _guard(sup, proc, token)
-    task = TaskRecord(description, proc, token, parent, reader, proc.sentinel)
-    task.stderr = stderr
-    stderr.pid = task.pid
-    if stderr_printer is not None:
-        stderr_printer.pid = task.pid
-    task.cancels_parent = not options.restarts
-    task.channels = [*channels, stderr]
-    for channel in channels:
-        channel.pid = task.pid
-    if not monitor.add(task):  # shutdown() finished while we were starting: undo
-        _platform.signal_tree(task.pid, signal.SIGKILL)
-        proc.join()
-        task.release()
+    try:  # until the supervision thread has it, a Ctrl-C here must not leave the task running
+        writer.close()  # so the child holds the only write end we know of
+        stderr.close_child_end()
+        setup.close()
+        os.set_blocking(reader.fileno(), False)
+        if sup._method == "fork":  # the zygote watches its shim
+            _guard(sup, proc, token)
+        task = TaskRecord(description, proc, token, parent, reader, proc.sentinel)
+        task.stderr = stderr
+        stderr.pid = task.pid
+        if stderr_printer is not None:
+            stderr_printer.pid = task.pid
+        task.cancels_parent = not options.restarts
+        task.channels = [*channels, stderr]
+        for channel in channels:
+            channel.pid = task.pid
+        added = monitor.add(task)
+    except BaseException:
+        uninterrupted(discard)
+        raise
+    if not added:  # shutdown() finished while we were starting: undo
+        uninterrupted(discard)
         raise RuntimeError("this Supervisor has been shut down")
     return task
 

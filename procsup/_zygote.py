@@ -81,11 +81,13 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_FDS",
     "ForkProcess",
+    "Shim",
     "ZygoteProcess",
     "daemon_fds",
     "guard",
     "inherited",
     "run_target",
+    "uninterrupted",
 ]
 
 _INLINE = 64 * 1024  # larger payloads travel in a memfd, not in the datagram
@@ -181,60 +183,84 @@ class ForkProcess(_LeanProcess):
         super().__init__(target, args, name)
         self._grace = grace  # how long the shim lets the task's orphans live after it
         self.shim: Shim | None = None  # until the supervision thread takes it over
+        self._write_end = -1  # the status pipe's, until the shim has it
 
     def start(self) -> None:
-        # Every signal blocked across the fork: the shim starts with them blocked, and so does
-        # any thread a user's at-fork hook starts in it (one that took SIGCHLD would leave the
-        # shim waiting forever); the shim gives the task ``mask`` back.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-        try:
+        pid = 0
+        mask: set[int | signal.Signals] | None = None
+        try:  # from the first fd on, anything raised (Ctrl-C included) undoes the start
             with _STARTING:  # no fork of ours in another thread copies our write end
-                read_end, write_end = os.pipe2(os.O_CLOEXEC)
-                try:
-                    pid = os.fork()
-                except BaseException:
-                    os.close(read_end)
-                    os.close(write_end)
-                    raise
+                # Every signal blocked across the fork: the shim starts with them blocked, and
+                # so does any thread a user's at-fork hook starts in it (one that took SIGCHLD
+                # would leave the shim waiting forever); the shim gives the task ``mask`` back.
+                mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+                self.sentinel, self._write_end = os.pipe2(os.O_CLOEXEC)
+                pid = os.fork()
                 if pid == 0:  # pragma: no cover - the shim never returns
                     code = 1
                     try:
-                        os.close(read_end)
                         code = _shim.serve(
-                            write_end, self._grace, mask, run_target, self._target, self._args
+                            self._write_end, self._grace, mask, run_target, *self._work()
                         )
                     finally:
                         os._exit(code)
-                os.close(write_end)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        self.sentinel = read_end
-        try:  # from here on anything raised (Ctrl-C included) takes the shim and task down
-            with contextlib.suppress(ProcessLookupError):  # SIGCHLD ignored: reaped already
-                self.shim = Shim(pid)
-            data = _read_exactly(read_end, _shim.PID.size)
+                os.close(self._write_end)
+                self._write_end = -1
+                with contextlib.suppress(ProcessLookupError):  # SIGCHLD ignored: reaped already
+                    self.shim = Shim(pid)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # runs a pending Ctrl-C handler
+            mask = None
+            data = _read_exactly(self.sentinel, _shim.PID.size)
             task = _shim.PID.unpack(data)[0] if len(data) == _shim.PID.size else 0
             if task < 0:
                 raise OSError(-task, f"procsup could not fork the task: {os.strerror(-task)}")
             if task == 0:
                 raise RuntimeError("procsup's fork shim exited before it could fork the task")
         except BaseException:
-            if self.shim is None:  # no pidfd: only a child not reaped yet is safe to signal
-                with contextlib.suppress(OSError):  # ChildProcessError: SIGCHLD ignored
-                    if not os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
-                        os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-            self.close()
+            uninterrupted(lambda: self._abandon(pid))
+            if mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             raise
         self.pid = task
 
+    def _work(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        os.close(self.sentinel)  # in the shim: the read end is the supervisor's
+        return self._target, self._args
+
+    def _abandon(self, shim: int) -> None:
+        """Undo a start that failed or was interrupted: kill and reap the shim ``shim`` (0: not
+        forked) with what it holds, close every fd. Idempotent."""
+        if self._write_end >= 0:
+            os.close(self._write_end)
+            self._write_end = -1
+        if shim and self.shim is None:  # no pidfd: only a child not reaped yet may be signalled
+            with contextlib.suppress(OSError):  # ChildProcessError: SIGCHLD ignored, or reaped
+                if not os.waitid(os.P_PID, shim, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                    os.kill(shim, signal.SIGKILL)
+                os.waitpid(shim, 0)
+        self.close()
+
     def close(self) -> None:
+        """Close the sentinel; kill and reap the shim, with what it holds, unless the
+        supervision thread took it over (idempotent, so an interrupted close can be retried)."""
         super().close()
-        shim, self.shim = self.shim, None
+        shim = self.shim
         if shim is not None:  # nobody took it over: the task has ended or never started
             shim.kill()
             if not shim.reap(_SHIM_KILL_WAIT):
                 shim.drop()
+            self.shim = None
+
+
+def uninterrupted(cleanup: Callable[[], None]) -> None:
+    """Run ``cleanup`` to its end: a Ctrl-C (KeyboardInterrupt) meanwhile restarts it, so a
+    second Ctrl-C cannot leave a task running unsupervised. ``cleanup`` must be idempotent."""
+    while True:
+        try:
+            cleanup()
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 class Shim:

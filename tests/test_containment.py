@@ -23,10 +23,12 @@ from procsup import (
     Supervisor,
     TaskCrashedError,
     _contain,
+    _launch,
     _monitor,
+    _platform,
     _supervisor,
 )
-from tests import contain_tasks
+from tests import contain_tasks, tasks
 from tests.conftest import process_gone
 from tests.tasks import DEADLINE
 
@@ -356,3 +358,29 @@ def test_stop_of_a_process_that_survives_sigkill_raises_at_once(
     pid and /proc state, and the task stays supervised."""
     with pytest.raises(TimeoutError, match=rf"pid {unkillable.pid}: T \(stopped\)"):
         unkillable.stop(timeout=0)
+
+
+def test_ctrl_c_before_the_supervision_thread_has_the_task_leaves_nothing(
+    start_method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Test that a KeyboardInterrupt after the task started but before the supervision thread
+    watches it kills and reaps the task and closes every fd (the autouse leak check sees any
+    left), even when a second one interrupts that clean-up."""
+
+    def interrupted(*args: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal_tree = _platform.signal_tree
+    calls: list[int] = []
+
+    def interrupted_once(pid: int, signum: int) -> None:
+        calls.append(pid)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        signal_tree(pid, signum)
+
+    monkeypatch.setattr(_launch, "TaskRecord", interrupted)
+    monkeypatch.setattr(_platform, "signal_tree", interrupted_once)
+    with Supervisor(start_method=start_method) as sup, pytest.raises(KeyboardInterrupt):
+        sup.spawn(tasks.return_value, "interrupted", args=(1,))
+    assert len(calls) == 2
