@@ -204,9 +204,7 @@ def _kill_session(sid: int, seen: dict[int, psutil.Process]) -> None:
         for pgid in groups:
             with contextlib.suppress(OSError):
                 os.killpg(pgid, signal.SIGKILL)
-        for proc in live:
-            seen[proc.pid] = proc
-            _send(proc, signal.SIGKILL)
+        seen.update((proc.pid, proc) for proc in live)
 
 
 def _descendants(known: dict[int, psutil.Process]) -> list[psutil.Process]:

@@ -55,7 +55,7 @@ import psutil
 from procsup import _contain
 from procsup._contain import exit_info
 
-__all__ = ["STATUS", "Guardian", "children", "decode_status"]
+__all__ = ["STATUS", "Guardian", "children", "decode_status", "drain"]
 
 # Raw wait status, peak RSS (bytes), CPU seconds: what a zygote task's status pipe carries.
 STATUS = struct.Struct("iqd")
@@ -206,7 +206,7 @@ class Guardian:
         # A fork task's shim is not our child: its pid is only ours to signal while its pidfd
         # says it has not exited.
         roots = [*self.children, *(w.pid for w in self.watched.values() if not _exited(w.fd))]
-        victims = [entry[2] for entry in self.doomed]
+        victims = []
         for pid in roots:
             with contextlib.suppress(psutil.Error):
                 victims.append(psutil.Process(pid))
@@ -237,9 +237,7 @@ class Guardian:
                 break
             ready, _, _ = select.select([wait_fd, *self.watched], [], [], remaining)
             if wait_fd in ready:
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(wait_fd, 4096):
-                        pass
+                drain(wait_fd)
         self.reap()
 
 
@@ -253,13 +251,18 @@ def children() -> list[int]:
         return [p.pid for p in psutil.Process().children()]
 
 
+def drain(fd: int) -> None:
+    """Read a non-blocking wake-up pipe empty."""
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 4096):
+            pass
+
+
 def _wait_readable(fd: int, timeout: float) -> None:
     import select
 
     if select.select([fd], [], [], timeout)[0]:
-        with contextlib.suppress(BlockingIOError):
-            while os.read(fd, 4096):
-                pass
+        drain(fd)
 
 
 def _exited(pidfd: int) -> bool:

@@ -56,6 +56,7 @@ from procsup._errors import (
     TaskFailedError,
     TaskPanickedError,
 )
+from procsup._guardian import drain
 from procsup._timers import Timers
 from procsup._token import prune
 
@@ -268,9 +269,7 @@ class Monitor:
                 for fd, _ in self._epoll.poll(self.timers.timeout()):
                     role, task = self._roles[fd]
                     if role == "wake":
-                        with contextlib.suppress(BlockingIOError):
-                            while os.read(self._wake_r, 4096):
-                                pass
+                        drain(self._wake_r)
                     elif role == "result":
                         assert task is not None
                         self._read(task, _READS_PER_WAKE)

@@ -28,11 +28,13 @@ import functools
 import os
 import signal
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 import psutil
 
 __all__ = [
+    "close_fds_except",
     "describe_exit",
     "detach_process_group",
     "enlarge_pipe",
@@ -153,6 +155,16 @@ def signal_tree(pid: int, signum: int) -> None:
     for proc in descendants:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             proc.send_signal(signum)
+
+
+def close_fds_except(keep: Iterable[int]) -> None:
+    """Close every fd from 3 up but those in ``keep``."""
+    low = 3
+    for fd in sorted(set(keep)):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
 def enlarge_pipe(fd: int) -> None:

@@ -108,8 +108,7 @@ def serve(
     for fd in (0, 1, 2):
         if fd != null:
             os.dup2(null, fd)
-    os.closerange(3, status_w)
-    os.closerange(status_w + 1, os.sysconf("SC_OPEN_MAX"))
+    _platform.close_fds_except([status_w])
     os.write(status_w, PID.pack(pid))
     guardian = Guardian()
     guardian.add_child(pid, status_w, None, grace)

@@ -29,6 +29,7 @@ import pickle
 import sys
 from typing import Any
 
+from procsup import _platform
 from procsup._zygote import inherited, run_target
 
 __all__ = ["exec_fresh", "fresh_main"]
@@ -46,13 +47,10 @@ def exec_fresh(payload: bytes, fds: list[int]) -> None:
     memfd = os.memfd_create("procsup-spawn", 0)
     os.write(memfd, pickle.dumps((preparation, fds, payload), pickle.HIGHEST_PROTOCOL))
     os.lseek(memfd, 0, os.SEEK_SET)
-    keep = sorted({memfd, *fds})
-    low = 3
+    keep = {memfd, *fds}
     for fd in keep:
         os.set_inheritable(fd, True)
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+    _platform.close_fds_except(keep)
     argv = [*command, "-c", _FRESH_MAIN, str(memfd), *preparation.get("sys_path", [])]
     try:
         os.execve(command[0], argv, env)

@@ -62,7 +62,7 @@ import time
 from typing import Any, NoReturn
 
 from procsup import _platform
-from procsup._guardian import Guardian
+from procsup._guardian import Guardian, drain
 from procsup._spawned import exec_fresh
 from procsup._token import borrowed
 from procsup._zygote import MAX_FDS, inherited, run_target
@@ -139,9 +139,7 @@ class _Server:
                     if pidfd >= 0:
                         self.selector.register(pidfd, selectors.EVENT_READ)
                 elif key.fileobj == self.wake_r:
-                    with contextlib.suppress(BlockingIOError):
-                        while os.read(self.wake_r, 4096):
-                            pass
+                    drain(self.wake_r)
                 else:
                     assert isinstance(key.fileobj, int)
                     self.selector.unregister(key.fileobj)

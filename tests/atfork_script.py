@@ -12,12 +12,12 @@ Prints "ok" and exits 0, or names what failed and exits 1.
 from __future__ import annotations
 
 import os
-import select
 import sys
 import threading
 import time
 
 from procsup import CancellationToken, Supervisor
+from tests.conftest import process_gone
 
 DEADLINE = 30.0
 _SIGCHLD_BIT = 1 << (17 - 1)  # SigBlk in /proc/PID/task/TID/status is a mask of signals 1..64
@@ -48,17 +48,6 @@ def _masks(pid: int) -> list[int]:
     return masks
 
 
-def _gone(pid: int) -> bool:
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], DEADLINE)[0])
-    finally:
-        os.close(fd)
-
-
 def main(count: int) -> int:
     os.register_at_fork(after_in_child=_start_thread)
     with Supervisor(start_method="fork", grace_period=0.1) as sup:
@@ -78,7 +67,7 @@ def main(count: int) -> int:
             if handle.join(DEADLINE) != shim:
                 print(f"task {i}: wrong result")
                 return 1
-            if not _gone(shim):
+            if not process_gone(shim, DEADLINE):
                 print(f"task {i}: shim {shim} still there")
                 return 1
     print("ok")
