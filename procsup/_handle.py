@@ -25,7 +25,8 @@ from procsup._errors import CriticalTaskError, NotDetachedError
 from procsup._monitor import REAP_DEADLINE, TaskRecord, escalate
 from procsup._restart import Lifecycle
 from procsup._supervisor import Supervisor, default_supervisor
-from procsup._token import CancellationToken, check_timeout
+from procsup._timeouts import check_timeout
+from procsup._token import CancellationToken
 
 __all__ = ["CriticalTaskExecutionHandle"]
 
@@ -191,7 +192,8 @@ class CriticalTaskExecutionHandle(Generic[T]):
         """Wait for the task's outcome and return its value, or raise its error.
 
         Args:
-            timeout: Seconds to wait; None waits for as long as it takes; 0 does not block.
+            timeout: Seconds to wait; None (or ``math.inf``) waits for as long as it takes; 0
+                does not block (it polls).
 
         Returns:
             The task's return value, once its process has exited and been reaped.
@@ -228,7 +230,10 @@ class CriticalTaskExecutionHandle(Generic[T]):
         return await asyncio.wrap_future(self._life.future)
 
     async def stop_async(self, timeout: float | None = 5.0) -> T:
-        """Asyncio form of ``stop()``: the waits and signals happen without blocking the loop."""
+        """Asyncio form of ``stop()``: the waits and signals happen without blocking the loop.
+
+        ``timeout`` means what it means for ``stop()``, and is checked the same way.
+        """
         import asyncio
 
         wait = check_timeout(timeout)
@@ -250,8 +255,8 @@ class CriticalTaskExecutionHandle(Generic[T]):
         whole process tree; return or raise like ``join()``.
 
         Args:
-            timeout: Seconds the task gets to honour cancellation; None waits forever, 0 escalates
-                at once.
+            timeout: Seconds the task gets to honour cancellation; None (or ``math.inf``) waits
+                forever, 0 escalates at once.
 
         A task killed here raises ``TaskCrashedError`` with ``stopped=True`` and leaves its parent
         token alone; a task that returns or fails in time behaves exactly as with ``join()``.
@@ -259,6 +264,8 @@ class CriticalTaskExecutionHandle(Generic[T]):
         Raises:
             TimeoutError: The task survived SIGKILL (a process stuck in the kernel, D state); the
                 message gives its pid and ``/proc`` state. ``stop()`` never waits for it longer.
+            ValueError, TypeError: ``timeout`` is negative, NaN or not a number; nothing is
+                cancelled then.
         """
         wait = check_timeout(timeout)
         self._detached = True

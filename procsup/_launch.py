@@ -3,7 +3,8 @@
 ::
 
     Supervisor._start() ─ validate, boot the Monitor ─▶ launch():
-        token = parent.child_token()                 (before the start: seed C3/C4)
+        token = parent.child_token()                 (before the start: seed C3/C4; born
+                                                     cancelled if timeout=0)
         result pipe, stderr pipe (procsup._stdio), log socket and captured stdout (procsup._child)
         _process(...).start(): a process running _task.main(Prepared(fn, setup), args, kwargs,
                                result writer, token, stderr writer)
@@ -53,6 +54,8 @@ def launch(
 ) -> TaskRecord:
     """Start one run of a validated task under ``sup`` and let ``monitor`` watch it."""
     token = parent.child_token()
+    if options.timeout == 0:  # no time at all, as a wait of 0 polls: born timed out
+        token.cancel(f"Critical task '{description}' timed out after 0 s")
     reader, writer = sup._ctx.Pipe(duplex=False)
     _platform.enlarge_pipe(writer.fileno())
     setup, channels, stderr_printer = open_channels(options, description)

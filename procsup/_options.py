@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 import pickle
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib.machinery import ModuleSpec
 from typing import Literal
 
+from procsup._timeouts import check_timeout
 from procsup._token import CancellationToken
 
 __all__ = [
@@ -16,6 +19,7 @@ __all__ = [
     "RestartPolicy",
     "TaskOptions",
     "check_options",
+    "check_preload",
     "check_task",
 ]
 
@@ -27,9 +31,9 @@ RESTART_POLICIES: tuple[RestartPolicy, ...] = ("temporary", "transient", "perman
 class TaskOptions:
     """A task's restart policy, limits and output handling; every field already validated.
 
-    Invariants: ``max_restarts >= 0``; ``period``, ``timeout`` and ``cpu_time_limit`` are positive
-    finite floats or None where allowed; ``memory_limit`` a positive int or None;
-    ``0 <= backoff[0] <= backoff[1]``.
+    Invariants: ``max_restarts >= 0``; ``period`` and ``cpu_time_limit`` are positive finite floats
+    (``cpu_time_limit`` may be None); ``timeout`` a finite float ``>= 0`` or None (no limit);
+    ``memory_limit`` a positive int or None; ``0 <= backoff[0] <= backoff[1]``.
     """
 
     restart: RestartPolicy = "temporary"
@@ -82,6 +86,59 @@ def check_task(
         )
 
 
+def check_preload(preload: object) -> list[str]:
+    """Check ``Supervisor(preload=...)``: a module name or an iterable of them, each of which
+    ``import`` would find. Imports nothing (the zygote imports them, and a package is looked
+    into, not run); a submodule of a plain module (``os.path``) is left to the import.
+
+    Raises:
+        TypeError: not a str or an iterable of str.
+        ModuleNotFoundError: a module is nowhere on ``sys.path`` (a misspelled name); its message
+            and ``name`` give the module.
+    """
+    names = [preload] if isinstance(preload, str) else list(preload)  # type: ignore[call-overload]
+    if not all(isinstance(name, str) for name in names):
+        raise TypeError("preload must be a module name or an iterable of module names")
+    for name in names:
+        missing = _missing(name)
+        if missing is not None:
+            raise ModuleNotFoundError(
+                f"Supervisor preload module {name!r} cannot be imported: no module named "
+                f"{missing!r}",
+                name=name,
+            )
+    return names
+
+
+def _missing(name: str) -> str | None:
+    """The first of ``name``'s packages or itself that ``import`` would not find, or None."""
+    path: Sequence[str] | None = None  # where the next part is looked for: None is sys.path
+    parts = name.split(".")
+    for depth in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:depth])
+        module = sys.modules.get(prefix)
+        if module is not None:
+            path = getattr(module, "__path__", None)
+        else:
+            spec = _find_spec(prefix, path)
+            if spec is None:
+                return prefix
+            path = spec.submodule_search_locations
+        if path is None:  # a plain module: only importing it would tell what it holds
+            return None
+    return None
+
+
+def _find_spec(name: str, path: Sequence[str] | None) -> ModuleSpec | None:
+    # What ``import`` asks, minus running any module: each finder on sys.meta_path in turn.
+    for finder in sys.meta_path:
+        find_spec = getattr(finder, "find_spec", None)
+        spec = None if find_spec is None else find_spec(name, path, None)
+        if spec is not None:
+            return spec  # type: ignore[no-any-return]
+    return None
+
+
 def _seconds(value: object, name: str, *, zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
@@ -131,6 +188,6 @@ def check_options(
         cpu_time_limit=(
             None if cpu_time_limit is None else _seconds(cpu_time_limit, "cpu_time_limit")
         ),
-        timeout=None if timeout is None else _seconds(timeout, "timeout"),
+        timeout=check_timeout(timeout),
         capture_output=capture_output,
     )

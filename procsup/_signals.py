@@ -23,6 +23,7 @@ Things that don't work
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from procsup._supervisor import Supervisor
 
 __all__ = ["SignalBridge"]
+
+logger = logging.getLogger("procsup")
 
 SECOND_SIGNAL_GRACE = 1.0  # seconds tasks get after the second signal, before SIGTERM
 
@@ -71,13 +74,16 @@ class SignalBridge:
                 return
             for signum in data:
                 self.count += 1
-                name = f"received {signal_name(signum)} (signal {signum})"
+                what = f"{signal_name(signum)} (signal {signum})"
                 sup = self._supervisor
-                if self.count == 1:
-                    sup.token.cancel(f"Supervisor {name}")
-                elif self.count == 2:
-                    with contextlib.suppress(Exception):  # logged by shutdown's callees
+                try:
+                    if self.count == 1:
+                        sup.token.cancel(f"Supervisor received {what}")
+                    elif self.count == 2:
                         sup.shutdown(min(SECOND_SIGNAL_GRACE, sup.grace_period))
+                except Exception:  # logged; this thread must live on to read later signals
+                    action = "cancel the root token" if self.count == 1 else "shut down"
+                    logger.exception("procsup could not %s on %s", action, what)
 
     def uninstall(self) -> bool:
         """Restore the previous handlers and stop the thread; False if not on the main thread."""

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
+from procsup._timeouts import check_timeout
+
 if TYPE_CHECKING:
     import asyncio
 
@@ -133,13 +135,16 @@ class EventStream:
                 loop.call_soon_threadsafe(_wake, future)
 
     def get(self, timeout: float | None = None) -> TaskEvent:
-        """Return the next event, waiting up to ``timeout`` seconds (None: forever; 0: no wait).
+        """Return the next event, waiting up to ``timeout`` seconds (None or ``math.inf``:
+        forever; 0: no wait).
 
         Raises:
             TimeoutError: No event came in time.
             EOFError: The stream is closed and every event was read.
+            ValueError, TypeError: ``timeout`` is negative, NaN or not a number.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        wait = check_timeout(timeout)
+        deadline = None if wait is None else time.monotonic() + wait
         with self._cond:
             while not self._events:
                 if self._closed:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
-import contextlib
+import enum
 import functools
 import importlib
 import logging
@@ -42,13 +42,14 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from procsup._aio import off_loop
 from procsup._launch import launch
 from procsup._monitor import KILL_WAIT, REAP_DEADLINE, Monitor, TaskRecord, escalate
-from procsup._options import DEFAULT, RestartPolicy, TaskOptions, check_options
+from procsup._options import DEFAULT, RestartPolicy, TaskOptions, check_options, check_preload
 from procsup._options import check_task as _validate
 from procsup._restart import Lifecycle
 from procsup._signals import SignalBridge
 from procsup._status import EventStream, StatusHub, TaskEvent, TaskSnapshot
+from procsup._timeouts import check_timeout
 from procsup._timers import Timers
-from procsup._token import CancellationToken, check_timeout
+from procsup._token import CancellationToken
 
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext
@@ -62,6 +63,18 @@ T = TypeVar("T")
 logger = logging.getLogger("procsup")
 
 
+class _Default(enum.Enum):
+    """``shutdown()``'s default timeout: the supervisor's ``grace_period`` (None waits forever)."""
+
+    GRACE_PERIOD = "grace_period"
+
+    def __repr__(self) -> str:
+        return "GRACE_PERIOD"
+
+
+GRACE_PERIOD = _Default.GRACE_PERIOD
+
+
 class Supervisor:
     """Starts critical tasks in child processes and supervises them from one thread.
 
@@ -69,11 +82,20 @@ class Supervisor:
         start_method: "forkserver" (the default where available: procsup's preloaded zygote),
             "spawn" or "fork".
         token: The root token; tasks spawned without a parent are its children. A new root if None.
-        preload: Modules the zygote (or, under fork, this process) imports once, before forking.
-        grace_period: Seconds ``shutdown()`` gives tasks to honour cancellation before escalating.
+        preload: Names of modules the zygote (or, under fork, this process) imports once, before
+            forking tasks. Each must be found where ``import`` looks (``sys.path``); none is
+            imported here.
+        grace_period: Seconds ``shutdown()`` gives tasks to honour cancellation before escalating,
+            and tasks get after this process dies before they are killed: a finite number >= 0.
 
     The thread starts with the first task. ``shutdown()`` (also run by ``with`` and at interpreter
     exit) cancels the root and every task, waits, escalates, and reaps everything.
+
+    Raises:
+        ValueError: an unknown start method, or a negative, NaN, infinite or None grace period.
+        TypeError: ``token`` is not a token, ``grace_period`` not a number, ``preload`` not module
+            names.
+        ModuleNotFoundError: a ``preload`` module cannot be found (its message names it).
     """
 
     def __init__(
@@ -92,11 +114,11 @@ class Supervisor:
             raise TypeError(
                 f"token must be a CancellationToken or None, not {type(token).__name__}"
             )
-        preload = [preload] if isinstance(preload, str) else list(preload)
-        if not all(isinstance(m, str) for m in preload):
-            raise TypeError("preload must be an iterable of module names")
+        preload = check_preload(preload)
         grace = check_timeout(grace_period, "grace_period")
-        self._grace = 5.0 if grace is None else grace
+        if grace is None:  # the guardian must kill a dead supervisor's tasks at some point
+            raise ValueError(f"grace_period must be a finite number of seconds, got {grace_period}")
+        self._grace = grace
         self._method = start_method
         self._ctx: BaseContext = multiprocessing.get_context(start_method)
         self._preload = ["procsup", "procsup._task", *preload]
@@ -197,7 +219,9 @@ class Supervisor:
             timeout: Seconds of wall-clock time per run. The task's token is then cancelled; if it
                 has not ended ``grace_period`` seconds later, its tree gets SIGTERM, then SIGKILL,
                 and it crashed ("it exceeded its timeout"), which counts as a failure. A task that
-                returns after the cancellation returned. None: no limit.
+                returns after the cancellation returned. None (or ``math.inf``): no limit. 0: no
+                time at all, as a wait of 0 polls: each run starts with its token cancelled, and
+                the grace period follows. Negative or NaN: ValueError; not a number: TypeError.
             capture_output: Show the task's stdout and stderr on this process's ``sys.stdout`` and
                 ``sys.stderr``, line by line, prefixed with ``[description pid]``. Logging records
                 are forwarded whatever this says.
@@ -318,23 +342,28 @@ class Supervisor:
     def _boot(self, task_module: str | None) -> Monitor:
         if self._method == "fork":  # forked tasks find these imported; the zygote imports its own
             for name in [*self._preload, task_module or "__main__"]:
-                with contextlib.suppress(ImportError):
+                try:
                     importlib.import_module(name)
+                except Exception:  # the task imports what it needs itself, and fails there
+                    logger.warning("procsup could not preload module %r", name, exc_info=True)
         return Monitor()
 
-    def shutdown(self, timeout: float | None = None) -> None:
+    def shutdown(self, timeout: float | _Default | None = GRACE_PERIOD) -> None:
         """Cancel the root token and every task, wait, escalate the stragglers, reap everything.
 
         Args:
             timeout: Seconds tasks get to honour cancellation before they are sent SIGTERM, then
-                (one second later) SIGKILL; None means the supervisor's ``grace_period``; 0 means
-                escalate at once.
+                (one second later) SIGKILL. By default the supervisor's ``grace_period``; None
+                (or ``math.inf``) waits for as long as they take; 0 escalates at once.
 
         Idempotent. Outcomes stay available on the handles. Tasks killed here raise
         ``TaskCrashedError`` (stopped on request) from ``join()`` and leave their parent alone.
+
+        Raises:
+            ValueError, TypeError: ``timeout`` is negative, NaN or not a number; nothing is shut
+                down then.
         """
-        wait = check_timeout(timeout)
-        wait = self._grace if timeout is None else wait
+        wait = self._grace if timeout is GRACE_PERIOD else check_timeout(timeout)
         if os.getpid() != self._pid:
             return
         with self._lock:
@@ -395,7 +424,7 @@ def default_supervisor() -> Supervisor:
         return _default
 
 
-def _shutdown_default(timeout: float | None = None) -> None:
+def _shutdown_default(timeout: float | _Default | None = GRACE_PERIOD) -> None:
     """Shut the default supervisor down and forget it (tests use this between cases)."""
     global _default
     with _default_lock:

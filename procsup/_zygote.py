@@ -88,6 +88,7 @@ __all__ = [
     "inherited",
     "run_target",
     "uninterrupted",
+    "zygote_pids",
 ]
 
 _INLINE = 64 * 1024  # larger payloads travel in a memfd, not in the datagram
@@ -499,6 +500,31 @@ def daemon_fds() -> list[int]:
     """The fds this process keeps open to its zygote (for leak checks)."""
     zygote = _Zygote._instance
     return zygote.fds() if zygote is not None else []
+
+
+def zygote_pids() -> list[int]:
+    """The pids of this process's zygote and of its idle spare, if any (for leak checks).
+
+    Read at call time: the spare becomes a task at the next start and is replaced. The spare is
+    the zygote's child still in the zygote's process group: every task leaves that group first
+    thing (``procsup._task.main``), and its orphans are in the task's group, or their own. (A
+    ``spawn`` task looks like a spare too until its fresh interpreter gets that far.)
+    """
+    zygote = _Zygote._instance
+    if zygote is None or zygote._pid != os.getpid() or zygote._process.returncode is not None:
+        return []
+    pid = zygote._process.pid
+    pids = [pid]
+    try:
+        group = os.getpgid(pid)
+        children = psutil.Process(pid).children()
+    except (OSError, psutil.Error):  # it exited just now
+        return pids
+    for child in children:
+        with contextlib.suppress(OSError):  # exited meanwhile
+            if os.getpgid(child.pid) == group:
+                pids.append(child.pid)
+    return pids
 
 
 def _after_fork_in_child() -> None:

@@ -22,8 +22,6 @@ from procsup import Supervisor, _supervisor
 
 START_METHODS = ("forkserver", "spawn", "fork")
 
-# Long-lived helpers that multiprocessing (and procsup) start once per test session on purpose.
-_DAEMON_MARKERS = ("forkserver", "resource_tracker", "procsup._zygote")
 _LONG_LIVED_FDS = ("forkserver", "procsup-zygote", "memfd:procsup-tokens")
 
 
@@ -69,24 +67,31 @@ def pipe(start_method: str) -> Iterator[Callable[[], tuple[Connection, Connectio
 
 
 @dataclass(frozen=True)
-class _Snapshot:
+class Snapshot:
+    """What the leak check compares: this process's fds, threads, descendants, /dev/shm."""
+
     fds: frozenset[str]
     threads: frozenset[int]
     children: frozenset[int]
     shm: frozenset[str]
 
 
-def _is_daemon(proc: psutil.Process) -> bool:
-    try:
-        cmdline = " ".join(proc.cmdline())
-    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-        return False
-    return any(marker in cmdline for marker in _DAEMON_MARKERS)
+def helper_pids() -> set[int]:
+    """The long-lived helpers started once per process on purpose, read now (procsup's spare is
+    replaced after every start): procsup's zygote and its spare, multiprocessing's forkserver and
+    resource tracker. Identified by pid: a task forked by the zygote shares its command line."""
+    pids = {
+        getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None),
+        getattr(multiprocessing.resource_tracker._resource_tracker, "_pid", None),
+        *procsup._zygote.zygote_pids(),
+    }
+    return {pid for pid in pids if pid is not None}
 
 
 def _children() -> frozenset[int]:
-    me = psutil.Process()
-    return frozenset(p.pid for p in me.children(recursive=True) if not _is_daemon(p))
+    found = {p.pid for p in psutil.Process().children(recursive=True)}
+    # The helpers after the listing: a spare forked in between is one of them by then.
+    return frozenset(found - helper_pids())
 
 
 def _daemon_fds() -> set[str]:
@@ -99,7 +104,8 @@ def _daemon_fds() -> set[str]:
     return {str(fd) for fd in fds if fd is not None}
 
 
-def _snapshot() -> _Snapshot:
+def snapshot() -> Snapshot:
+    """What this process holds now, long-lived helpers left out."""
     multiprocessing.active_children()  # joins finished Process objects, closing their sentinels
     daemons = _daemon_fds()
     fds = frozenset(
@@ -107,12 +113,19 @@ def _snapshot() -> _Snapshot:
         for fd in os.listdir("/proc/self/fd")
         if fd not in daemons
     )
-    return _Snapshot(
+    return Snapshot(
         fds=fds,
         threads=frozenset(t.ident or 0 for t in threading.enumerate()),
         children=_children(),
         shm=frozenset(os.listdir("/dev/shm")),
     )
+
+
+def _describe(pid: int) -> str:
+    try:
+        return f"{pid} ({' '.join(psutil.Process(pid).cmdline())[:100]})"
+    except psutil.Error:
+        return f"{pid} (gone)"
 
 
 def _readlink(path: str) -> str:
@@ -122,7 +135,8 @@ def _readlink(path: str) -> str:
         return "?"
 
 
-def _leaks(before: _Snapshot, after: _Snapshot) -> list[str]:
+def leaks(before: Snapshot, after: Snapshot) -> list[str]:
+    """What ``after`` holds that ``before`` did not, one line per kind."""
     problems = []
     # Opened once per process on purpose: the forkserver socket, and the token arena (a memfd
     # that every token of the process family shares, mapped for the life of the process).
@@ -139,29 +153,36 @@ def _leaks(before: _Snapshot, after: _Snapshot) -> list[str]:
         problems.append(f"threads left running: {names}")
     new_children = after.children - before.children
     if new_children:
-        problems.append(f"processes left running: {sorted(new_children)}")
+        described = [_describe(pid) for pid in sorted(new_children)]
+        problems.append(f"processes left running: {described}")
     new_shm = after.shm - before.shm
     if new_shm:
         problems.append(f"/dev/shm entries left: {sorted(new_shm)}")
     return problems
 
 
-@pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
-    """Fail the test if it leaves processes, fds, threads or shared memory behind."""
-    before = _snapshot()
-    yield
-    _supervisor._shutdown_default(timeout=2.0)
-    deadline = time.monotonic() + 10.0
+def wait_for_no_leaks(before: Snapshot, timeout: float) -> list[str]:
+    """What is left over since ``before``, once it stays so for ``timeout`` seconds (reaping and
+    thread exit are asynchronous); an empty list if nothing is."""
+    deadline = time.monotonic() + timeout
     while True:
         gc.collect()
-        problems = _leaks(before, _snapshot())
+        problems = leaks(before, snapshot())
         if not problems or time.monotonic() > deadline:
-            break
-        # Reaping and thread exit are asynchronous; give them a bounded moment to finish.
+            return problems
+        # Give what is exiting a bounded moment to finish.
         psutil.wait_procs(
             [psutil.Process(pid) for pid in _children() if psutil.pid_exists(pid)], timeout=0.05
         )
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Fail the test if it leaves processes, fds, threads or shared memory behind."""
+    before = snapshot()
+    yield
+    _supervisor._shutdown_default(timeout=2.0)
+    problems = wait_for_no_leaks(before, 10.0)
     if problems:
         for pid in _children():
             try:

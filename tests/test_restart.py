@@ -322,8 +322,9 @@ BAD: list[tuple[dict[str, Any], type[Exception]]] = [
     ({"memory_limit": "1G"}, TypeError),
     ({"cpu_time_limit": 0}, ValueError),
     ({"cpu_time_limit": -1.0}, ValueError),
-    ({"timeout": 0}, ValueError),
-    ({"timeout": math.inf}, ValueError),
+    ({"timeout": -1}, ValueError),
+    ({"timeout": math.nan}, ValueError),
+    ({"timeout": True}, TypeError),
     ({"timeout": "5"}, TypeError),
     ({"capture_output": "yes"}, TypeError),
 ]

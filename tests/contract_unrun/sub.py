@@ -1,0 +1,1 @@
+"""A submodule to preload (tests/test_contract.py): found, never imported."""
