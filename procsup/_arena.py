@@ -11,6 +11,21 @@
     cancel():       under the arena lock: word |= 1 on the node, then on each live descendant
                     (a walk of first-child/next-sibling links, so O(subtree));
                     unlock; FUTEX_WAKE each newly cancelled node that has ever had a waiter.
+                    If the lock is not had within ``PATIENCE`` (its holder is stopped: SIGSTOP, a
+                    debugger, a cgroup freezer), file a request instead (below) and return.
+
+A cancel that cannot wait for the lock (a stopped holder keeps it for as long as it is stopped)::
+
+    canceller                                       arena                          readers
+    ─────────                                       ─────                          ───────
+    lockf(byte 1+e, LOCK_NB) claims a free entry ─▶ request e: slot, gen, cause
+                                                    state = 1 (committed)
+    FUTEX_WAKE_OP: word |= PULL on the node and ─▶  word of each node in the ──▶  word != live:
+    on every node its lists reach, and wake            subtree                     slow path: an
+                                                                                   ancestor-or-self
+    the next lock holder (the stopped one once   ◀─ dirty requests: cancel()          cancelled, or
+    it runs, or anybody once it dies) does the      under the lock, as if asked    named by a
+    cancel() under the lock and frees entry e                                      committed request
 
 A token is a handle on one slot of an arena. An arena is created lazily, once per process family:
 tokens pickled into a child carry the arena's fd (``multiprocessing.reduction.DupFd``), and the
@@ -18,9 +33,13 @@ child adopts that arena for the roots it creates, so a whole tree of processes s
 
 Invariants of a slot (``SLOT_WORDS`` 32-bit words; slot 0 and 1 hold the header):
 
-- ``word`` is ``2 * gen + c``. ``gen`` changes exactly when the slot is freed, so a handle that
-  outlives its slot (only possible for a token inherited through a bare ``os.fork``) reads as
-  cancelled rather than aliasing a stranger. ``c`` never goes from 1 back to 0 within a gen.
+- ``word`` is ``PULL * p + 2 * gen + c`` (``gen`` is 30 bits). ``gen`` changes exactly when the slot
+  is freed, so a handle that outlives its slot (only possible for a token inherited through a bare
+  ``os.fork``) reads as cancelled rather than aliasing a stranger. ``c`` never goes from 1 back to
+  0 within a gen. ``p`` (``PULL``) says "a cancel request may cover you: look up"; it is the only
+  bit ever set without the lock, atomically by the kernel (``futex_or_wake``), so it cannot undo a
+  locked store. A node can carry it spuriously (it was freed and reused while a request's walk went
+  by); its readers then take the slow path, which answers correctly, until the slot is freed.
 - ``refs > 0`` iff the slot is live. ``refs`` counts token objects in any process, pickles in
   flight to a child that will adopt them, and live children (a child keeps its parent's slot, so
   dropping a token never cuts grandchildren off from their grandparent).
@@ -33,6 +52,13 @@ Invariants of a slot (``SLOT_WORDS`` 32-bit words; slot 0 and 1 hold the header)
   before ``op``) is non-zero exactly then, and the next lock holder that sees it redoes the steps,
   which are idempotent.
 - ``hint`` is 1 once anybody has waited on the slot; it is never cleared while the slot lives.
+- Only a holder of the arena lock writes a slot's words (``PULL`` aside). A request entry's words
+  are written only by the process that holds its byte lock, and only while its ``state`` is 0;
+  ``state`` 1 (committed) means every other word of the entry is final until the lock holder that
+  carries it out sets ``state`` back to 0, after its ``cancel()`` has run.
+- The header's ``requests`` word is 1 whenever a committed request may not have been carried out
+  yet (set before and after committing, cleared by the lock holder only once it has seen no
+  committed entry after a fence).
 
 Every other multi-word update is ordered so that a process killed between any two stores leaves,
 at worst, a slot or a cause record leaked (``refs`` too high), never a structure another process
@@ -51,31 +77,51 @@ Things that don't work
 - Walking the ancestors in ``is_cancelled()``: nine loads at depth 8 break the cost target; the
   cancelling side pays instead, once.
 - A pipe or eventfd per node: 10,000 tokens would need 10,000 fds.
+- Waiting for the lock without a bound: a holder that is stopped, not dead, keeps a record lock
+  for as long as it is stopped, and every canceller (the supervision thread included) would stall
+  behind it. Nor can a canceller take the lock over: the holder may resume in the middle of its
+  critical section. Hence the requests.
+- Writing ``c`` on a descendant without the lock: the slot may be freed and handed to a stranger
+  between the check and the store (only the kernel's atomic OR of ``PULL`` is harmless there). A
+  stranger reading ``PULL`` looks up and finds nothing; a stranger reading ``c`` would be
+  cancelled.
+- Reading ``PULL`` on every ``is_cancelled()``: the fast path stays one load and one compare
+  (``word != live``), and ``PULL`` lives in the word itself so that a changed word is the only
+  signal a reader needs.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import mmap
 import multiprocessing.reduction
 import os
+import struct
 import threading
+import time
 import uuid
 import weakref
 from collections import deque
 from typing import Any, ClassVar
 
-from procsup._futex import futex_wake
+from procsup._futex import futex_or_wake, futex_wake
 
 SLOT_WORDS = 8
 _WORD, _REFS, _PARENT, CAUSE, HINT, _FIRST, _NEXT, _PREV = range(8)
 _SLOTS = 1 << 20  # 32 MiB of address space; pages are touched only as slots are used
 _FIRST_SLOT = 2  # slots 0 and 1 hold the header, so a parent of 0 means "no parent"
 
+PULL_BIT = 31
+PULL = 1 << PULL_BIT  # "a request may cover you: look up" (see the module header)
+GEN = 0x7FFFFFFE  # the gen bits of a word: two words name the same node iff they agree on these
+
 # Header words (inside slots 0 and 1).
 _H_MAGIC, _H_HIGH, _H_FREE, _H_CAUSE_HIGH, _H_CAUSE_FREE, _H_DIRTY = range(6)
 _H_OP, _H_A, _H_B, _H_C, _H_D = range(6, 11)  # the redo journal of one sibling-list update
+# Requests may be pending; the last request filed; a futex word nobody waits on (a fence).
+_H_REQUESTS, _H_SEQ, _H_FENCE = range(11, 14)
 _OP_LINK, _OP_UNLINK = 1, 2
 _MAGIC = 0x50524F43  # "PROC"
 
@@ -89,19 +135,45 @@ _CAUSE_LOST = 0xFFFFFFFE  # every cause record is in use
 DEFAULT_REASON = "cancelled"
 _LOST_REASON = "cancelled (the cause was dropped: too many distinct live causes)"
 
-_ARENA_BYTES = (_CAUSE_BASE + _CAUSES * _CAUSE_WORDS) * 4
+# Cancel requests follow the cause records: [state, slot, live, seq, version, then a cause record
+# laid out as above]. Entry e is claimed by the byte lock on byte 1 + e of the memfd (the arena
+# lock is byte 0), taken without waiting: a stopped or dead holder of one entry costs one entry.
+_REQUESTS = 64
+_R_STATE, _R_SLOT, _R_LIVE, _R_SEQ, _R_VERSION, _R_CAUSE = range(6)
+_REQUEST_WORDS = _R_CAUSE + _CAUSE_WORDS
+_REQUEST_BASE = _CAUSE_BASE + _CAUSES * _CAUSE_WORDS
+_NO_REASON = 0xFFFFFFFF  # in a request's nbytes: cancel() without a reason
+
+# How long cancel() waits for the arena lock before filing a request instead. The lock is held for
+# microseconds; a holder not done after this long is stopped or starved, and a request costs
+# nothing but a slower is_cancelled() in the subtree until the lock comes free. There is no timed
+# wait for a record lock (F_SETLKW has no timeout), so the wait polls, backing off to 1 ms.
+PATIENCE = 0.01
+
+_ARENA_BYTES = (_REQUEST_BASE + _REQUESTS * _REQUEST_WORDS) * 4
 
 
 class Arena:
     """One shared mapping of token slots, and this process's view of it.
 
     ``lock``/``unlock`` bracket every read-modify-write of shared words. ``_pending`` holds slot
-    releases queued by ``__del__``, which must never block; whoever holds the lock drains it.
-    ``_woken`` lists, under the lock, the slots changed since ``lock()`` whose waiters ``unlock()``
-    must wake.
+    releases and prunes queued by callers that must not wait for the lock (``__del__``, the
+    supervision thread); whoever holds the lock next drains it. ``_woken`` lists, under the lock,
+    the slots changed since ``lock()`` whose waiters ``unlock()`` must wake. ``_request_lock``
+    keeps this process's threads out of each other's request entries (record locks do not).
     """
 
-    __slots__ = ("_pending", "_thread_lock", "_woken", "address", "fd", "key", "map", "words")
+    __slots__ = (
+        "_pending",
+        "_request_lock",
+        "_thread_lock",
+        "_woken",
+        "address",
+        "fd",
+        "key",
+        "map",
+        "words",
+    )
 
     _registry: ClassVar[dict[bytes, Arena]] = {}
     _default: ClassVar[Arena | None] = None
@@ -119,7 +191,8 @@ class Arena:
         self.words = memoryview(self.map).cast("I")
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
         self._thread_lock = threading.Lock()
-        self._pending: deque[tuple[int, int]] = deque()
+        self._request_lock = threading.Lock()
+        self._pending: deque[tuple[int, int, bool]] = deque()
         self._woken: list[int] = []
         if create:
             self.words[_H_HIGH] = _FIRST_SLOT
@@ -165,12 +238,25 @@ class Arena:
         cls._registry_lock = threading.Lock()
         for arena in cls._registry.values():
             arena._thread_lock = threading.Lock()
+            arena._request_lock = threading.Lock()
             arena._pending = deque()  # the parent drains its own
 
-    def lock(self) -> None:
-        self._thread_lock.acquire()
+    def lock(self, patience: float | None = None) -> bool:
+        """Take the arena lock; with ``patience`` (seconds), give up after that long.
+
+        Returns:
+            True once held (always, without ``patience``); False if it was not had in time.
+        """
+        if patience is None:
+            self._thread_lock.acquire()
+        elif not self._thread_lock.acquire(timeout=patience):
+            return False
         try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX)
+            if patience is None:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0)
+            elif not self._try_byte(0, patience):
+                self._thread_lock.release()
+                return False
         except BaseException:
             self._thread_lock.release()
             raise
@@ -178,18 +264,44 @@ class Arena:
             self._redo()
         if self.words[_H_DIRTY]:
             self._cancel_descendants(self.words[_H_DIRTY])
+        if self.words[_H_REQUESTS]:
+            self._carry_out_requests()
+        return True
+
+    def _try_byte(self, byte: int, patience: float) -> bool:
+        """Lock ``byte`` of the memfd without blocking for more than ``patience`` seconds."""
+        deadline = time.monotonic() + patience
+        delay = 50e-6
+        while True:
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, byte)
+                return True
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 1e-3)
 
     def unlock(self) -> None:
-        """Drain queued releases, unlock, then wake the waiters of every slot changed meanwhile."""
+        """Drain queued work, unlock, then wake the waiters of every slot changed meanwhile."""
         try:
+            if self.words[_H_REQUESTS]:
+                self._carry_out_requests()
             while self._pending:
-                slot, live = self._pending.popleft()
-                # A node pruned meanwhile (procsup._token.prune) is in another gen: not ours.
-                if self.words[slot * SLOT_WORDS + _WORD] >> 1 == live >> 1:
+                slot, live, prune = self._pending.popleft()
+                # A node pruned or freed meanwhile is in another gen: not ours.
+                if (self.words[slot * SLOT_WORDS + _WORD] ^ live) & GEN:
+                    continue
+                if prune:
+                    self.prune(slot)
+                else:
                     self._release(slot)
         finally:
             woken, self._woken = self._woken, []
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
             self._thread_lock.release()
         # After unlock: the unlock syscall orders our stores of `word` before these loads of
         # `hint`, as a waiter's futex syscall orders its store of `hint` before the kernel's load
@@ -199,13 +311,178 @@ class Arena:
             if words[slot * SLOT_WORDS + HINT]:
                 futex_wake(self.address + slot * SLOT_WORDS * 4)
 
-    def release_later(self, slot: int, live: int) -> None:
-        self._pending.append((slot, live))
-        if self._thread_lock.acquire(blocking=False):
-            # Not inside one of our own critical sections (a GC pass can run __del__ there).
-            self._thread_lock.release()
-            self.lock()
+    def holder(self) -> int | None:
+        """The pid of the process holding the arena lock, or None (diagnostics and tests)."""
+        query = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+        kind, _, _, _, pid = struct.unpack("hhqqi", fcntl.fcntl(self.fd, fcntl.F_GETLK, query))
+        return None if kind == fcntl.F_UNLCK else int(pid)
+
+    def release_later(self, slot: int, live: int, *, prune: bool = False) -> None:
+        """Queue giving back a reference (or pruning below ``slot``), done now if the lock is
+        free: never waits for another process, and never for this one's own critical section
+        (a GC pass can run ``__del__`` inside it)."""
+        self._pending.append((slot, live, prune))
+        if self.lock(patience=0):
             self.unlock()
+
+    def cancel_now_or_request(self, slot: int, live: int, reason: str | None) -> None:
+        """Cancel the node, waiting for the lock at most ``PATIENCE``, else file a request."""
+        if self.lock(patience=PATIENCE):
+            try:
+                # A node that is gone reads as cancelled already (see the module header).
+                if not (self.words[slot * SLOT_WORDS + _WORD] ^ live) & GEN:
+                    self.cancel(slot, reason)
+            finally:
+                self.unlock()
+            return
+        if not self._file_request(slot, live, reason):
+            # Every entry is taken by a request not yet carried out: wait like before requests.
+            self.lock()
+            try:
+                if not (self.words[slot * SLOT_WORDS + _WORD] ^ live) & GEN:
+                    self.cancel(slot, reason)
+            finally:
+                self.unlock()
+            return
+        self._pull_subtree(slot)
+        if self.lock(patience=0):  # the holder may be gone by now: carry it out at once
+            self.unlock()
+
+    def _file_request(self, slot: int, live: int, reason: str | None) -> bool:
+        w = self.words
+        with self._request_lock:
+            first = os.getpid() % _REQUESTS  # processes start their search apart
+            for i in range(_REQUESTS):
+                entry = (first + i) % _REQUESTS
+                if not self._try_byte(1 + entry, 0):
+                    continue  # another process is filing it (or is stopped doing so)
+                try:
+                    base = _REQUEST_BASE + entry * _REQUEST_WORDS
+                    if w[base + _R_STATE]:
+                        if w[base + _R_SLOT] == slot and not (w[base + _R_LIVE] ^ live) & GEN:
+                            return True  # already asked for; the earlier reason wins anyway
+                        continue
+                    w[base + _R_SLOT] = slot
+                    w[base + _R_LIVE] = live
+                    seq = w[_H_SEQ] + 1 & 0xFFFFFFFF
+                    w[_H_SEQ] = seq
+                    w[base + _R_SEQ] = seq
+                    w[base + _R_VERSION] = w[base + _R_VERSION] + 1 & 0xFFFFFFFF
+                    if reason is None:
+                        w[base + _R_CAUSE + 1] = _NO_REASON
+                    else:
+                        self._write_text(base + _R_CAUSE, reason)
+                    # Set before and after the commit: a filer killed in between leaves it set,
+                    # and a lock holder clearing it meanwhile looks at the entries again.
+                    w[_H_REQUESTS] = 1
+                    w[base + _R_STATE] = 1
+                    w[_H_REQUESTS] = 1
+                    return True
+                finally:
+                    fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 1 + entry)
+        return False
+
+    def _pull_subtree(self, root: int) -> None:
+        """Set ``PULL`` on ``root`` and every node its lists reach, waking each: without the lock,
+        so the lists may be changing under us. Reads only, besides the kernel's atomic OR."""
+        w = self.words
+        address = self.address
+        futex_or_wake(address + root * SLOT_WORDS * 4, PULL_BIT)
+        budget = w[_H_HIGH]  # a list changing under us must not keep us walking forever
+        stack = [root]
+        while stack and budget > 0:
+            child = w[stack.pop() * SLOT_WORDS + _FIRST]
+            while _FIRST_SLOT <= child < _SLOTS and budget > 0:
+                budget -= 1
+                futex_or_wake(address + child * SLOT_WORDS * 4, PULL_BIT)
+                if w[child * SLOT_WORDS + _FIRST]:
+                    stack.append(child)
+                child = w[child * SLOT_WORDS + _NEXT]
+
+    def _carry_out_requests(self) -> None:
+        """Under the lock: cancel() what each committed request asked for, in filing order."""
+        w = self.words
+        while w[_H_REQUESTS]:
+            committed = []
+            for entry in range(_REQUESTS):
+                base = _REQUEST_BASE + entry * _REQUEST_WORDS
+                if w[base + _R_STATE]:
+                    committed.append((w[base + _R_SEQ], base))
+            for _, base in sorted(committed):
+                slot, live = w[base + _R_SLOT], w[base + _R_LIVE]
+                if _FIRST_SLOT <= slot < _SLOTS and not (w[slot * SLOT_WORDS + _WORD] ^ live) & GEN:
+                    self.cancel(slot, self._read_text(base + _R_CAUSE))
+                w[base + _R_STATE] = 0  # after cancel(): a reader that saw it never sees a gap
+            w[_H_REQUESTS] = 0
+            # A full barrier between that store and the loads below: the kernel's futex_wake
+            # issues one (smp_mb in futex_hb_waiters_pending) before it finds nobody to wake.
+            futex_wake(self.address + _H_FENCE * 4)
+            if any(
+                w[_REQUEST_BASE + entry * _REQUEST_WORDS + _R_STATE] for entry in range(_REQUESTS)
+            ):
+                w[_H_REQUESTS] = 1  # filed while we worked: go round again
+
+    def pulled(self, slot: int, live: int) -> tuple[bool, str | None]:
+        """Without the lock: is the node cancelled after all, and why, when its word says only
+        ``PULL``? Cancelled if it or an ancestor has ``c`` (a walk not finished) or a committed
+        request names it or an ancestor. Returns (cancelled, cause)."""
+        w = self.words
+        while True:
+            requests = self._committed_requests()
+            if requests is None:
+                continue  # an entry changed while we read it
+            node, budget = slot, w[_H_HIGH]
+            best: tuple[int, str | None] | None = None
+            while _FIRST_SLOT <= node < _SLOTS and budget > 0:
+                budget -= 1
+                word = w[node * SLOT_WORDS + _WORD]
+                if node == slot and (word ^ live) & GEN:
+                    return True, DEFAULT_REASON  # our node is gone
+                if word & 1:
+                    return True, self.cause_text(w[node * SLOT_WORDS + CAUSE])
+                found = requests.get((node, word & GEN))
+                if found is not None and (best is None or found[0] < best[0]):
+                    best = found
+                node = w[node * SLOT_WORDS + _PARENT]
+            if best is not None:
+                return True, best[1]
+            return False, None
+
+    def _committed_requests(self) -> dict[tuple[int, int], tuple[int, str | None]] | None:
+        """The committed entries, by (slot, gen bits): (seq, reason). None if one changed while
+        it was read (its version moved)."""
+        w = self.words
+        found: dict[tuple[int, int], tuple[int, str | None]] = {}
+        for entry in range(_REQUESTS):
+            base = _REQUEST_BASE + entry * _REQUEST_WORDS
+            if not w[base + _R_STATE]:
+                continue
+            version = w[base + _R_VERSION]
+            key = (w[base + _R_SLOT], w[base + _R_LIVE] & GEN)
+            seq, text = w[base + _R_SEQ], self._read_text(base + _R_CAUSE)
+            if not w[base + _R_STATE] or w[base + _R_VERSION] != version:
+                return None
+            if key not in found or seq < found[key][0]:
+                found[key] = (seq, text)
+        return found
+
+    def _write_text(self, base: int, reason: str) -> None:
+        """Write ``reason`` into the cause record at word ``base`` (refs untouched)."""
+        data = reason.encode("utf-8", "backslashreplace")
+        if len(data) > _CAUSE_TEXT:
+            data = data[: _CAUSE_TEXT - 3].decode("utf-8", "ignore").encode() + "…".encode()
+        offset = (base + 2) * 4
+        self.map[offset : offset + len(data)] = data
+        self.words[base + 1] = len(data)
+
+    def _read_text(self, base: int) -> str | None:
+        """The text of the cause record at word ``base``; None for a request without a reason."""
+        nbytes = self.words[base + 1]
+        if nbytes == _NO_REASON:
+            return None
+        offset = (base + 2) * 4
+        nbytes = min(nbytes, _CAUSE_TEXT)
+        return bytes(self.map[offset : offset + nbytes]).decode("utf-8", "replace")
 
     # Everything below runs under the lock.
 
@@ -220,7 +497,7 @@ class Arena:
                 raise RuntimeError(f"procsup: more than {_SLOTS - _FIRST_SLOT} live tokens")
             w[_H_HIGH] = slot + 1
         base = slot * SLOT_WORDS
-        live = w[base + _WORD] & ~1
+        live = w[base + _WORD] & GEN
         w[base + _PARENT] = parent
         w[base + HINT] = w[base + CAUSE] = w[base + _FIRST] = w[base + _NEXT] = 0
         word = live
@@ -251,7 +528,7 @@ class Arena:
             parent, cause = w[base + _PARENT], w[base + CAUSE]
             if parent:
                 self._journaled(_OP_UNLINK, slot, parent, w[base + _PREV], w[base + _NEXT])
-            w[base + _WORD] = ((w[base + _WORD] >> 1) + 1 & 0x7FFFFFFF) << 1  # next gen, live
+            w[base + _WORD] = (w[base + _WORD] + 2) & GEN  # next gen, live, no PULL
             self._woken.append(slot)
             w[base + _PARENT] = w[base + CAUSE] = 0
             self._cause_unref(cause)
@@ -283,7 +560,7 @@ class Arena:
             if not w[base + _REFS]:
                 continue  # already free (a release that was killed after unlinking)
             w[base + _REFS] = 0
-            w[base + _WORD] = ((w[base + _WORD] >> 1) + 1 & 0x7FFFFFFF) << 1  # next gen, live
+            w[base + _WORD] = (w[base + _WORD] + 2) & GEN  # next gen, live, no PULL
             self._woken.append(slot)
             cause = w[base + CAUSE]
             w[base + _PARENT] = w[base + CAUSE] = w[base + _FIRST] = 0
@@ -362,13 +639,8 @@ class Arena:
             if record >= _CAUSES:
                 return _CAUSE_LOST
             w[_H_CAUSE_HIGH] = record + 1
-        data = reason.encode("utf-8", "backslashreplace")
-        if len(data) > _CAUSE_TEXT:
-            data = data[: _CAUSE_TEXT - 3].decode("utf-8", "ignore").encode() + "…".encode()
         base = _CAUSE_BASE + record * _CAUSE_WORDS
-        offset = (base + 2) * 4
-        self.map[offset : offset + len(data)] = data
-        w[base + 1] = len(data)
+        self._write_text(base, reason)
         w[base] = 1
         return record
 
@@ -390,9 +662,7 @@ class Arena:
             return _LOST_REASON
         if not 0 < cause < _CAUSES:
             return DEFAULT_REASON
-        base = _CAUSE_BASE + cause * _CAUSE_WORDS
-        offset = (base + 2) * 4
-        return bytes(self.map[offset : offset + self.words[base + 1]]).decode("utf-8", "replace")
+        return self._read_text(_CAUSE_BASE + cause * _CAUSE_WORDS) or DEFAULT_REASON
 
 
 os.register_at_fork(after_in_child=Arena._after_fork)

@@ -13,7 +13,7 @@ import os
 import platform
 import sys
 
-__all__ = ["futex_wait", "futex_wake"]
+__all__ = ["futex_or_wake", "futex_wait", "futex_wake"]
 
 if not sys.platform.startswith("linux"):  # pragma: no cover - procsup targets Linux
     raise ImportError(f"procsup needs Linux futexes (sys.platform is {sys.platform!r})")
@@ -32,7 +32,12 @@ _SYS_FUTEX = {
 }[platform.machine()]
 _FUTEX_WAIT = 0
 _FUTEX_WAKE = 1
+_FUTEX_WAKE_OP = 5
 _WAKE_ALL = 0x7FFFFFFF
+# FUTEX_WAKE_OP's val3: op FUTEX_OP_OR (2) with FUTEX_OP_OPARG_SHIFT (8), so the operand is
+# ``1 << oparg``. Its conditional second wake is for ``val2`` = 0 waiters: the first wake, on the
+# same word, already woke everybody.
+_OP_OR_SHIFT = (2 | 8) << 28
 
 
 class _Timespec(ctypes.Structure):
@@ -73,6 +78,16 @@ def futex_wait(address: int, expected: int, timeout: float | None) -> None:
 def futex_wake(address: int) -> None:
     """Wake every process and thread sleeping on the word at ``address``."""
     _syscall(_SYS_FUTEX, address, _FUTEX_WAKE, _WAKE_ALL, None, None, 0)
+
+
+def futex_or_wake(address: int, bit: int) -> None:
+    """Atomically set ``bit`` in the word at ``address``, then wake everybody sleeping on it.
+
+    The kernel does the read-modify-write (``FUTEX_WAKE_OP``), so it cannot lose a store that
+    another process makes to the same word at the same time, whatever that process is.
+    """
+    val3 = _OP_OR_SHIFT | (bit & 0xFFF) << 12
+    _syscall(_SYS_FUTEX, address, _FUTEX_WAKE_OP, _WAKE_ALL, None, address, _signed(val3))
 
 
 def _check() -> None:

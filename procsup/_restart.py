@@ -55,6 +55,7 @@ from procsup._monitor import TaskRecord
 from procsup._options import TaskOptions
 from procsup._status import EventKind, TaskEvent, TaskSnapshot, TaskState
 from procsup._timers import Timer
+from procsup._token import lock_is_free
 
 if TYPE_CHECKING:
     from procsup._supervisor import Supervisor
@@ -65,6 +66,7 @@ __all__ = ["Lifecycle"]
 logger = logging.getLogger("procsup")
 
 _HISTORY = 5  # failures listed in an escalation's cause
+_LOCK_RETRY = 0.01  # seconds between looks at a token arena lock that another process holds
 
 
 class Lifecycle:
@@ -203,11 +205,21 @@ class Lifecycle:
         if stop:
             self._publish()
             return
+        if not lock_is_free(self.parent):
+            # Another process holds the token arena's lock, maybe stopped (SIGSTOP, a debugger):
+            # the start would wait for it here, and no other task's death would be noticed
+            # meanwhile. Look again shortly instead.
+            with self.lock:
+                if not self._stopping:
+                    self._pending = self.sup._timers().call_later(_LOCK_RETRY, self._restart)
+                    return
+            self._publish()
+            return
         try:
             record = self.sup._start(
                 self.task_fn, self.parent, self.description, self.args, self.kwargs, self.options
             )
-        except Exception as exc:  # noqa: BLE001 - shut down meanwhile, or the start itself failed
+        except Exception as exc:  # shut down meanwhile, or the start failed (logged)
             with self.lock:
                 self._stopping = True
             if not self.sup.closed:
@@ -217,6 +229,7 @@ class Lifecycle:
                 )
                 error.__cause__ = exc
                 self._last = (None, error)
+                logger.error("%s", error, exc_info=exc)
             self._publish()
             return
         self.restarts += 1

@@ -8,7 +8,6 @@ Here: the public handle, its blocking and asyncio waits, and how it crosses into
 from __future__ import annotations
 
 import contextlib
-import math
 import multiprocessing.context
 import os
 import sys
@@ -18,13 +17,14 @@ from collections.abc import Awaitable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from procsup._arena import CAUSE, DEFAULT_REASON, HINT, SLOT_WORDS, Arena
+from procsup._arena import CAUSE, DEFAULT_REASON, GEN, HINT, PULL, SLOT_WORDS, Arena
 from procsup._futex import futex_wait, futex_wake
+from procsup._timeouts import check_timeout
 
 if TYPE_CHECKING:
     import asyncio
 
-__all__ = ["CancellationToken", "DropGuard", "borrow_args", "borrowed", "check_timeout", "prune"]
+__all__ = ["CancellationToken", "DropGuard", "borrow_args", "borrowed", "lock_is_free", "prune"]
 
 T = TypeVar("T")
 
@@ -33,17 +33,6 @@ _PICKLE_HELP = (
     "when it starts: pass it in Supervisor.spawn(..., args=...), CriticalTaskExecutionHandle("
     "..., args=...) or multiprocessing.Process(args=...), not through a Queue, a Pipe or pickle"
 )
-
-
-def check_timeout(timeout: object, name: str = "timeout") -> float | None:
-    """Validate a timeout in seconds: ``None`` or infinity mean no limit, 0 means do not block."""
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise TypeError(f"{name} must be a number of seconds or None, not {type(timeout).__name__}")
-    if math.isnan(timeout) or timeout < 0:
-        raise ValueError(f"{name} must be >= 0 seconds or None, got {timeout!r}")
-    return None if math.isinf(timeout) else float(timeout)
 
 
 class CancellationToken:
@@ -110,7 +99,7 @@ class CancellationToken:
         arena = self._arena
         arena.lock()
         try:
-            if arena.words[self._word] >> 1 != self._live >> 1:
+            if (arena.words[self._word] ^ self._live) & GEN:
                 slot, live = arena.alloc(0)  # our node is gone (see module header): orphan
                 arena.cancel(slot, None)
             else:
@@ -133,18 +122,17 @@ class CancellationToken:
         """
         if reason is not None and not isinstance(reason, str):
             raise TypeError(f"reason must be a str or None, not {type(reason).__name__}")
-        arena = self._arena
-        arena.lock()
-        try:
-            # A node that is gone reads as cancelled already (see the module header).
-            if arena.words[self._word] >> 1 == self._live >> 1:
-                arena.cancel(self._slot, reason)
-        finally:
-            arena.unlock()
+        self._arena.cancel_now_or_request(self._slot, self._live, reason)
 
     def is_cancelled(self) -> bool:
         """Return whether this token is cancelled: one load from shared memory, never blocks."""
-        return self._words[self._word] != self._live
+        return self._words[self._word] != self._live and self._cancelled_after_all()
+
+    def _cancelled_after_all(self) -> bool:
+        """The word differs from ``live``: cancelled, gone, or only ``PULL`` (look up)."""
+        if self._words[self._word] & ~PULL != self._live:
+            return True
+        return self._arena.pulled(self._slot, self._live)[0]
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until this token is cancelled or ``timeout`` seconds pass.
@@ -159,22 +147,24 @@ class CancellationToken:
             TypeError, ValueError: ``timeout`` is not a number, is negative or NaN.
         """
         limit = check_timeout(timeout)
-        words, word, live = self._words, self._word, self._live
-        if words[word] != live:
+        if self.is_cancelled():
             return True
         if limit == 0:
             return False
+        words, word, live = self._words, self._word, self._live
         words[word + HINT] = 1
         address = self._arena.address + word * 4
         deadline = None if limit is None else time.monotonic() + limit
-        while words[word] == live:
+        while True:
+            current = words[word]
+            if current != live and self._cancelled_after_all():
+                return True
             remaining = None
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-            futex_wait(address, live, remaining)
-        return True
+            futex_wait(address, current, remaining)  # a PULL read as "not yet" sleeps on it
 
     @property
     def cause(self) -> str | None:
@@ -183,16 +173,22 @@ class CancellationToken:
         That is its own ``cancel(reason)`` or an ancestor's, whichever came first (Go's
         ``context.Cause``); ``"cancelled"`` when that cancellation gave no reason.
         """
-        if self._words[self._word] == self._live:
+        words, word, live = self._words, self._word, self._live
+        current = words[word]
+        if current == live:
             return None
         arena = self._arena
-        arena.lock()
-        try:
-            if arena.words[self._word] >> 1 != self._live >> 1:
-                return DEFAULT_REASON
-            return arena.cause_text(arena.words[self._word + CAUSE])
-        finally:
-            arena.unlock()
+        if current & ~PULL == live:
+            cancelled, cause = arena.pulled(self._slot, live)
+            return (cause or DEFAULT_REASON) if cancelled else None
+        if (current ^ live) & GEN:
+            return DEFAULT_REASON
+        # Lock-free: a cancelled node's cause never changes while the node lives, nor does the
+        # text of a record a live node refers to.
+        text = arena.cause_text(words[word + CAUSE])
+        if (words[word] ^ live) & GEN:
+            return DEFAULT_REASON  # freed while we read (only a borrowed token can see that)
+        return text
 
     async def cancelled(self) -> None:
         """Wait, without blocking the event loop, until this token is cancelled."""
@@ -223,8 +219,11 @@ class CancellationToken:
         words, word, live = self._words, self._word, self._live
         words[word + HINT] = 1
         address = self._arena.address + word * 4
-        while words[word] == live and not aborted.is_set():
-            futex_wait(address, live, None)
+        while not aborted.is_set():
+            current = words[word]
+            if current != live and self._cancelled_after_all():
+                break
+            futex_wait(address, current, None)
         if not aborted.is_set():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(_set_done, done)
@@ -321,6 +320,19 @@ def borrowed(key: bytes, fd: Any, slot: int, live: int) -> CancellationToken:
     return CancellationToken._from_slot(Arena.adopt(key, fd), slot, live, 0)
 
 
+def lock_is_free(token: CancellationToken) -> bool:
+    """Whether ``token``'s arena lock could be taken just now (and was, and is given back).
+
+    For the supervision thread before it starts a restart: a start must allocate under that lock,
+    and a process stopped while holding it would stall the thread until it runs again.
+    """
+    arena = token._arena
+    if not arena.lock(patience=0):
+        return False
+    arena.unlock()
+    return True
+
+
 def prune(token: CancellationToken) -> None:
     """Free every descendant of ``token`` and give it back the one reference ``token`` holds.
 
@@ -329,13 +341,9 @@ def prune(token: CancellationToken) -> None:
     gives its references back (see ``procsup._arena``). A descendant still alive reads its nodes as
     cancelled from now on, and its later releases are ignored.
     """
-    arena = token._arena
-    arena.lock()
-    try:
-        if arena.words[token._word] >> 1 == token._live >> 1:
-            arena.prune(token._slot)
-    finally:
-        arena.unlock()
+    # Queued if the lock is busy: the supervision thread calls this and must never wait for
+    # another process (a stopped one may hold the lock).
+    token._arena.release_later(token._slot, token._live, prune=True)
 
 
 class DropGuard:

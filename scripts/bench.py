@@ -218,6 +218,65 @@ def bench_big_tree() -> Row:
     return Row("cancel() of a 10,000-token tree", elapsed, "ms", target=1000, absolute=True)
 
 
+# --- cancel() while another process is stopped holding the arena lock -----------------------
+
+
+def _churn(token: CancellationToken, ready: CancellationToken) -> None:  # in the child
+    ready.cancel()
+    while True:
+        child = token.child_token()
+        child.child_token().cancel("churned")
+        del child
+
+
+def _wait_in_turn(tokens: list[CancellationToken], conn: Any) -> None:  # in the child
+    for token in tokens:
+        conn.send_bytes(b"r")
+        token.wait()
+        conn.send_bytes(b"w")
+
+
+def _stop_inside_the_lock(pid: int) -> None:
+    arena = CancellationToken()._arena
+    while True:
+        os.kill(pid, signal.SIGSTOP)
+        os.waitid(os.P_PID, pid, os.WSTOPPED)
+        if arena.holder() == pid:
+            return
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.0001)
+
+
+def bench_stopped_holder(trials: int) -> list[Row]:
+    root = CancellationToken()
+    targets = [root.child_token() for _ in range(trials)]
+    ready = CancellationToken()
+    here, there = CTX.Pipe()
+    waiter = CTX.Process(target=_wait_in_turn, args=([t.child_token() for t in targets], there))
+    churner = CTX.Process(target=_churn, args=(root.child_token(), ready), daemon=True)
+    waiter.start()
+    churner.start()
+    ready.wait()
+    wake = []
+    for target in targets:
+        here.recv_bytes()
+        _stop_inside_the_lock(churner.pid)
+        start = time.perf_counter()
+        target.cancel()
+        here.recv_bytes()
+        wake.append((time.perf_counter() - start) * 1e3)
+        os.kill(churner.pid, signal.SIGCONT)
+    waiter.join()
+    churner.kill()
+    churner.join()
+    wake.sort()
+    name = "cancel() until a waiter wakes, lock holder stopped"
+    return [
+        Row(f"{name}, p50", statistics.median(wake), "ms", target=100, absolute=True),
+        Row(f"{name}, p99", wake[int(len(wake) * 0.99)], "ms", target=100, absolute=True),
+    ]
+
+
 def tokens_section(quick: bool) -> list[Row]:
     runs = 15 if quick else 60
     rows = bench_is_cancelled(runs)
@@ -225,6 +284,7 @@ def tokens_section(quick: bool) -> list[Row]:
     rows.append(bench_wait_cpu())
     rows += bench_child_token(runs)
     rows.append(bench_big_tree())
+    rows += bench_stopped_holder(runs * 2)
     return rows
 
 

@@ -100,3 +100,31 @@ def ten_thousand_under_ulimit() -> None:
 
 if __name__ == "__main__":
     globals()[sys.argv[1]]()
+
+
+def churn(token: CancellationToken, ready: CancellationToken) -> None:
+    """Take the arena lock as often as we can, forever: make, cancel and drop tokens below ours."""
+    ready.cancel()
+    while True:
+        child = token.child_token()
+        grandchild = child.child_token()
+        child.cancel("churned")
+        del grandchild, child
+
+
+def report_wakes(tokens: list[CancellationToken], ready: CancellationToken, out: Any) -> None:
+    """Wait on each token in turn; send its index, whether it woke, and its cause."""
+    ready.cancel()
+    for index, token in enumerate(tokens):
+        woke = token.wait(DEADLINE)
+        out.send((index, woke, token.is_cancelled(), token.cause))
+
+
+def fail_once(token: CancellationToken, go: CancellationToken, marker: str) -> str:
+    """First run: wait for ``go``, then raise. Every later run (``marker`` exists): return."""
+    if os.path.exists(marker):
+        return "second run"
+    with open(marker, "w"):
+        pass
+    go.wait(DEADLINE)
+    raise RuntimeError("first run")

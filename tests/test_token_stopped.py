@@ -1,0 +1,234 @@
+"""Tests that a process stopped while it holds the token arena's lock stalls nobody else.
+
+A stopped process (SIGSTOP, a debugger, a cgroup freezer) keeps its record locks for as long as
+it is stopped. Each trial stops a process that churns tokens at a random instant of its loop,
+and, whenever that instant was inside the lock, checks that another process's cancel() returns
+and wakes its waiters while the holder is still stopped.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from procsup import CancellationToken, Supervisor, TaskCrashedError
+from procsup._arena import _H_REQUESTS, Arena
+from tests import tasks, token_tasks
+
+DEADLINE = 30.0
+TRIALS_IN_THE_LOCK = 25  # trials whose stop landed inside the lock
+MAX_TRIALS = 2_000
+
+
+def lock_holder() -> int | None:
+    return Arena.default().holder()
+
+
+def stop(pid: int) -> None:
+    """SIGSTOP ``pid`` and return once it is stopped (it is our child: waitid says so)."""
+    os.kill(pid, signal.SIGSTOP)
+    os.waitid(os.P_PID, pid, os.WSTOPPED)
+
+
+def stopped(pid: int) -> bool:
+    return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+
+
+@contextmanager
+def churning(ctx: Any, token: CancellationToken) -> Iterator[Any]:
+    """A child process churning tokens below ``token``; continued and killed afterwards."""
+    ready = CancellationToken()
+    proc = ctx.Process(target=token_tasks.churn, args=(token, ready), daemon=True)
+    proc.start()
+    try:
+        assert ready.wait(DEADLINE)
+        yield proc
+    finally:
+        if proc.exitcode is None:  # not killed by the test itself
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+        proc.join(DEADLINE)
+
+
+def stop_inside_the_lock(pid: int, rng: random.Random) -> int:
+    """Stop ``pid`` at random instants until one lands inside the arena lock; return the tries."""
+    for attempt in range(1, MAX_TRIALS + 1):
+        # Spread the instants over the churn loop; this picks an instant, it synchronises nothing.
+        for _ in range(rng.randrange(2_000)):
+            pass
+        stop(pid)
+        if lock_holder() == pid:
+            return attempt
+        os.kill(pid, signal.SIGCONT)
+    pytest.fail(f"no stop in {MAX_TRIALS} landed inside the lock")
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_cancel_wakes_waiters_while_a_stopped_process_holds_the_lock(method: str) -> None:
+    """Test that cancel() returns and wakes a waiter in a third process, with the right cause,
+    while the churning process that holds the arena lock stays stopped, in every trial."""
+    ctx: Any = multiprocessing.get_context(method)
+    rng = random.Random(1234)
+    root = CancellationToken()
+    targets = [root.child_token() for _ in range(TRIALS_IN_THE_LOCK)]
+    watched = [target.child_token() for target in targets]  # woken through their parent
+    ready = CancellationToken()
+    reader, writer = ctx.Pipe(duplex=False)
+    waiter = ctx.Process(target=token_tasks.report_wakes, args=(watched, ready, writer))
+    waiter.start()
+    writer.close()
+    try:
+        assert ready.wait(DEADLINE)
+        with churning(ctx, root.child_token()) as churner:
+            for trial, (target, child) in enumerate(zip(targets, watched, strict=True)):
+                stop_inside_the_lock(churner.pid, rng)
+                target.cancel(f"trial {trial}")
+                # Everything below happens while the holder is still stopped with the lock.
+                assert child.is_cancelled()
+                assert child.cause == f"trial {trial}"
+                assert reader.poll(DEADLINE), f"trial {trial}: the waiter was not woken"
+                assert reader.recv() == (trial, True, True, f"trial {trial}")
+                assert stopped(churner.pid)
+                assert lock_holder() == churner.pid
+                os.kill(churner.pid, signal.SIGCONT)
+            # Once the holder runs again, the requests are carried out under the lock.
+            stop(churner.pid)
+            os.kill(churner.pid, signal.SIGCONT)
+        arena = Arena.default()
+        arena.lock()
+        arena.unlock()
+        assert arena.words[_H_REQUESTS] == 0
+        for trial, child in enumerate(watched):
+            assert child._words[child._word] & 1, "the request's cancel() was not carried out"
+            assert child.cause == f"trial {trial}"
+        assert not root.is_cancelled()
+    finally:
+        waiter.join(DEADLINE)
+        reader.close()
+    assert waiter.exitcode == 0
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_killed_holder_leaves_a_consistent_tree(method: str) -> None:
+    """Test that SIGKILLing the churner inside the lock, after requests were filed behind it,
+    leaves a tree whose next lock holder carries the requests out."""
+    ctx: Any = multiprocessing.get_context(method)
+    rng = random.Random(99)
+    for trial in range(5):
+        root = CancellationToken()
+        target = root.child_token()
+        below = target.child_token().child_token()
+        with churning(ctx, root.child_token()) as churner:
+            stop_inside_the_lock(churner.pid, rng)
+            target.cancel(f"killed {trial}")
+            assert below.cause == f"killed {trial}"
+            churner.kill()
+            churner.join(DEADLINE)
+        other = root.child_token()  # the next lock holder repairs, then links
+        assert below._words[below._word] & 1
+        assert below.cause == f"killed {trial}"
+        assert not other.is_cancelled()
+        root.cancel("root")
+        assert other.cause == "root"
+        assert below.cause == f"killed {trial}"
+
+
+def test_a_crash_is_reported_while_a_stopped_task_holds_the_lock(runtime: Supervisor) -> None:
+    """Test that the supervisor reports another task's crash, and cancels its parent, while a
+    task stopped inside the arena lock still holds it."""
+    ready = CancellationToken()
+    churner = runtime.spawn(token_tasks.churn, "churner", args=(ready,))
+    victim = runtime.spawn(tasks.wait_for_cancel, "victim")
+    try:
+        assert ready.wait(DEADLINE)
+        pid = churner.pid
+        assert pid is not None
+        stop_task_inside_the_lock(pid)
+        assert victim.pid is not None
+        os.kill(victim.pid, signal.SIGKILL)
+        with pytest.raises(TaskCrashedError, match="SIGKILL"):
+            victim.join(DEADLINE)
+        assert runtime.token.is_cancelled()
+        assert "victim" in (runtime.token.cause or "")
+        assert stopped(pid)
+        assert lock_holder() == pid
+    finally:
+        if churner.pid is not None:
+            os.kill(churner.pid, signal.SIGCONT)
+    with pytest.raises(TaskCrashedError, match="stopped"):
+        churner.stop(timeout=0)
+
+
+def test_a_restart_is_put_off_while_a_stopped_task_holds_the_lock(
+    runtime: Supervisor, tmp_path: Path
+) -> None:
+    """Test that a restart due while a stopped task holds the arena lock waits without stalling
+    the supervision thread: another task's crash is reported meanwhile, and the restart happens
+    once the holder runs again."""
+    ready, go, elsewhere = CancellationToken(), CancellationToken(), CancellationToken()
+    events = runtime.events()
+    churner = runtime.spawn(token_tasks.churn, "churner", args=(ready,))
+    flaky = runtime.spawn(
+        token_tasks.fail_once,
+        "flaky",
+        args=(go, str(tmp_path / "ran")),
+        restart="transient",
+        backoff=(0.0, 0.0),
+    )
+    victim = runtime.spawn(tasks.wait_for_cancel, "victim", parent_token=elsewhere)
+    assert churner.pid is not None
+    assert victim.pid is not None
+    try:
+        assert ready.wait(DEADLINE)
+        pid = churner.pid
+        stop_task_inside_the_lock(pid)
+        go.cancel()
+        while (event := events.get(DEADLINE)).kind != "failed":
+            pass
+        assert event.description == "flaky"
+        os.kill(victim.pid, signal.SIGKILL)
+        with pytest.raises(TaskCrashedError, match="SIGKILL"):
+            victim.join(DEADLINE)
+        assert elsewhere.is_cancelled()
+        assert flaky.restarts == 0  # put off: the holder is still stopped
+        assert stopped(pid)
+    finally:
+        if churner.pid is not None:
+            os.kill(churner.pid, signal.SIGCONT)
+    assert flaky.join(DEADLINE) == "second run"
+    assert flaky.restarts == 1
+    with pytest.raises(TaskCrashedError, match="stopped"):
+        churner.stop(timeout=0)
+
+
+def stop_task_inside_the_lock(pid: int) -> None:
+    """Stop a task (not our child) at random instants until one lands inside the arena lock."""
+    rng = random.Random(pid)
+    for _ in range(MAX_TRIALS):
+        for _ in range(rng.randrange(2_000)):
+            pass
+        os.kill(pid, signal.SIGSTOP)
+        psutil_wait_stopped(pid)
+        if lock_holder() == pid:
+            return
+        os.kill(pid, signal.SIGCONT)
+    pytest.fail("no stop landed inside the lock")
+
+
+def psutil_wait_stopped(pid: int) -> None:
+    """Wait for a process that is not our child to show as stopped (no blocking wait exists)."""
+    proc = psutil.Process(pid)
+    for _ in range(100_000):
+        if proc.status() == psutil.STATUS_STOPPED:
+            return
+        os.sched_yield()
+    pytest.fail(f"pid {pid} did not stop")
