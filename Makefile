@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .DEFAULT_GOAL := help
 
 help:  ## List the targets.
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ lint: $(STAMP)  ## ruff lint and format check, mypy --strict.
 test: lint  ## Set up, lint, type-check, then run the whole suite.
 	$(BIN)/python -m pytest
 
+test-load: $(STAMP)  ## make test with two CPU hogs beside it (the suite must pass on a busy box).
+	@$(BIN)/python scripts/cpu_hogs.py --hogs 2 & hogs=$$!; \
+	trap 'kill $$hogs 2>/dev/null; wait $$hogs 2>/dev/null' EXIT; \
+	trap 'exit 130' INT TERM HUP; \
+	$(MAKE) --no-print-directory test
+
 demo: $(STAMP)  ## Set up, then run the demo (python -m procsup).
 	$(BIN)/python -m procsup
 
@@ -38,4 +44,4 @@ format: $(STAMP)  ## Reformat the code with ruff.
 clean:  ## Remove the virtualenv and caches.
 	rm -rf $(VENV) .mypy_cache .ruff_cache *.egg-info
 
-.PHONY: help setup lint test demo bench format clean
+.PHONY: help setup lint test test-load demo bench format clean

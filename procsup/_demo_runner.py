@@ -10,11 +10,14 @@
       │                                           outcome the stream did not carry ("stopped")
       ├─ await root.cancelled() ────────────────▶ "cancelled" (cause), "stopping" per live task
       ├─ every 0.25 s: sup.tasks() + Sampler ───▶ live table / status lines / status objects
+      ├─ Cues: every part played (a restart ────▶ cue.told.cancel(): the cued task's last act
+      │   told, a "played" token, an outcome)       may come (procsup._demo_tasks)
       └─ SIGINT (loop signal handler) ──────────▶ root.cancel("SIGINT ...") ; twice: shutdown(0)
 
 The order of events is part of the contract the tests check: a run's failure is told before the
 restart or escalation it led to, a task's failure before the cancellation it caused, which is told
-before the siblings' ``stopping`` and ``finished``.
+before the siblings' ``stopping`` and ``finished``; and the act that ends a story (a cued task's
+crash) comes after every other task has played its part and been shown, on any machine.
 
 Things that don't work
 ----------------------
@@ -24,6 +27,9 @@ Things that don't work
   stream first: every event emitted before an outcome is published is queued by then.
 - Final outcomes from the event stream alone: events carry errors, not return values, and a task's
   cleanup message is its return value. ``join_async`` gives the value; the stream gives every run.
+- Schedules alone for the story's order ("the cache hits its limit at ~3 s, the parser crashes at
+  5 s"): on a busy machine a schedule runs late and the acts swap. The cue makes the last act wait
+  for the others; the schedules still set the pace, so an idle machine shows the same timeline.
 - A SIGTERM handler in the demo under the fork start method: asyncio's wakeup fd is inherited by
   forked tasks, so a task being sent SIGTERM by ``stop()`` would wake the demo's handler. Only
   SIGINT is handled (tasks ignore it).
@@ -34,8 +40,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
+import multiprocessing
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from procsup import _demo_tasks as tasks
@@ -47,7 +56,7 @@ from procsup._handle import CriticalTaskExecutionHandle
 from procsup._supervisor import Supervisor
 from procsup._token import CancellationToken
 
-__all__ = ["STRESS_TASKS", "STRESS_TASKS_SPAWN", "Runner"]
+__all__ = ["STRESS_TASKS", "STRESS_TASKS_SPAWN", "Cues", "Runner"]
 
 GRACEFUL_AFTER = 3.0  # seconds before the demo itself cancels the root in "graceful"
 GRACE = 5.0  # seconds tasks get to clean up after the root is cancelled
@@ -55,6 +64,44 @@ SAMPLE_EVERY = 0.25  # seconds between samples
 REAP = 10.0  # seconds to wait for outcomes after escalating
 STRESS_TASKS = 300
 STRESS_TASKS_SPAWN = 60  # ~80 ms of CPU per start under spawn: 300 would take half a minute
+
+
+def _takes(fn: Callable[..., Any], name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+class Cues:
+    """The story's handshakes (``procsup._demo_tasks``): who waits for the cue, who says when its
+    part is played, and when the cue is given. Everything here runs on the event loop thread.
+
+    Invariants: ``pending`` holds the tasks whose part is not played yet (none of them cued): one
+    given a ``played`` token until that is cancelled, else a restartable one until its first
+    restart is told; one whose final outcome is told is done. ``told`` is cancelled once
+    ``pending`` is empty and there is a cued task, never before.
+    """
+
+    def __init__(self, root: CancellationToken, start_method: str, plan: list[Spec]) -> None:
+        self.told = root.child_token()  # a child of the root: Ctrl-C reaches the waiters too
+        self.kwargs: dict[str, dict[str, Any]] = {}  # by task: the cue or played token it gets
+        self.played: dict[str, CancellationToken] = {}
+        self.pending: set[str] = set()
+        self.cued = any(_takes(spec.fn, "cue") for spec in plan)
+        if not self.cued:
+            return  # nothing waits: no handshakes at all
+        context = multiprocessing.get_context(start_method)
+        for spec in plan:
+            name = spec.description
+            if _takes(spec.fn, "cue"):
+                free = (
+                    int(spec.options.get("max_restarts", 0)) if spec.restart != "temporary" else 0
+                )
+                self.kwargs[name] = {"cue": tasks.Cue(self.told, context.RawValue("i", 0), free)}
+            elif _takes(spec.fn, "played"):
+                self.played[name] = root.child_token()
+                self.kwargs[name] = {"played": self.played[name]}
+                self.pending.add(name)
+            elif spec.restart != "temporary":
+                self.pending.add(name)
 
 
 class Runner:
@@ -75,7 +122,9 @@ class Runner:
         self.specs: dict[str, Spec] = {}
         self.handles: dict[str, CriticalTaskExecutionHandle[Any]] = {}
         self.outcomes: dict[str, asyncio.Task[None]] = {}
-        self.log = RunLog(view, self.rows, self.specs, self.handles)
+        self.log = RunLog(view, self.rows, self.specs, self.handles, self._restarted)
+        self.cues: Cues | None = None
+        self.sampler = Sampler(tasks.PROCESS_PREFIX)
         self.failure: CriticalTaskError | None = None
         self.cancel_seen: float | None = None  # view time at which the root's cancel was seen
         self.cancel_told = asyncio.Event()
@@ -117,9 +166,15 @@ class Runner:
     async def _workers(self, plan: list[Spec], stop_after: float | None) -> int:
         self.log.stream = self.sup.events()  # before the first spawn: no run goes untold
         follower = asyncio.create_task(self.log.follow())
+        self.cues = Cues(self.root, self.sup.start_method, plan)
         for spec in plan:
             self._spawn(spec)
         sampler = asyncio.create_task(self._sample_forever())
+        played = [
+            asyncio.create_task(self._watch_played(name, token))
+            for name, token in self.cues.played.items()
+        ]
+        self._part_played(None)  # with nothing pending, the cue is given at once
         root_cancelled = asyncio.create_task(self.root.cancelled())
         everyone: asyncio.Future[Any] = asyncio.gather(*self.outcomes.values())
         try:
@@ -138,7 +193,7 @@ class Runner:
                 await asyncio.to_thread(self.sup.shutdown, 0)
                 await asyncio.wait(self.outcomes.values(), timeout=REAP)
         finally:
-            for helper in (root_cancelled, sampler, follower):
+            for helper in (root_cancelled, sampler, follower, *played):
                 helper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await helper
@@ -146,8 +201,9 @@ class Runner:
         return self._exit()
 
     def _spawn(self, spec: Spec) -> None:
-        handle = self.sup.spawn(spec.fn, spec.description, args=spec.args, **spec.options)
         name = spec.description
+        handshakes = self.cues.kwargs.get(name) if self.cues is not None else None
+        handle = self.sup.spawn(spec.fn, name, args=spec.args, kwargs=handshakes, **spec.options)
         self.specs[name], self.handles[name] = spec, handle
         row = self.rows[name] = Row(name, handle.pid, self.view.now())
         self.outcomes[name] = asyncio.create_task(self._watch(handle, row))
@@ -171,6 +227,7 @@ class Runner:
         except CriticalTaskError as exc:
             error, value = exc, None
         self.log.drain()
+        self._part_played(row.description)
         ended = self.view.now()
         sibling = self.root.is_cancelled() and not self._caused(row.description)
         if sibling:
@@ -218,25 +275,50 @@ class Runner:
                 self.view.event("stopping", text, task=row.description, pid=row.pid)
         self.view.refresh(list(self.rows.values()))
 
+    # ---------------------------------------------------------------- the story's cue
+
+    def _restarted(self, name: str) -> None:
+        if self.cues is not None and name not in self.cues.played:
+            self._part_played(name)
+
+    async def _watch_played(self, name: str, token: CancellationToken) -> None:
+        await token.cancelled()
+        self._part_played(name)
+
+    def _part_played(self, name: str | None) -> None:
+        """``name``'s part is played (None: nobody's, just look): give the cue once all are."""
+        cues = self.cues
+        if cues is None:
+            return
+        if name is not None:
+            cues.pending.discard(name)
+        if not cues.cued or cues.pending or cues.told.is_cancelled():
+            return
+        self._sample()  # show what the parts left on screen (a sub-task) before the last act
+        cues.told.cancel("the story's earlier acts are told")
+
+    # ---------------------------------------------------------------- the view
+
     async def _sample_forever(self) -> None:
-        sampler = Sampler(tasks.PROCESS_PREFIX)
-        rows = list(self.rows.values())
         while True:
-            sampler.sample(rows, self.sup.tasks())
-            for row in rows:
-                for pid, proc_name, _ in row.subtasks:
-                    if pid not in self.seen_subtasks:
-                        self.seen_subtasks.add(pid)
-                        self.view.event(
-                            "subtask",
-                            f"{row.description} runs a nested critical "
-                            f"task: {proc_name} (pid {pid})",
-                            task=row.description,
-                            pid=pid,
-                            name=proc_name,
-                        )
-            self.view.status(rows)
+            self._sample()
             await asyncio.sleep(SAMPLE_EVERY)  # the view's refresh period, not a synchronisation
+
+    def _sample(self) -> None:
+        rows = list(self.rows.values())
+        self.sampler.sample(rows, self.sup.tasks())
+        for row in rows:
+            for pid, proc_name, _ in row.subtasks:
+                if pid not in self.seen_subtasks:
+                    self.seen_subtasks.add(pid)
+                    self.view.event(
+                        "subtask",
+                        f"{row.description} runs a nested critical task: {proc_name} (pid {pid})",
+                        task=row.description,
+                        pid=pid,
+                        name=proc_name,
+                    )
+        self.view.status(rows)
 
     def _exit(self) -> int:
         rows = self.rows.values()

@@ -109,8 +109,10 @@ class RunLog:
         rows: dict[str, Row],
         specs: dict[str, Spec],
         handles: dict[str, CriticalTaskExecutionHandle[Any]],
+        on_restart: Callable[[str], None] = lambda description: None,
     ) -> None:
         self.view = view
+        self.on_restart = on_restart  # called with the description once a restart is told
         self.rows, self.specs, self.handles = rows, specs, handles
         self.stream: EventStream | None = None  # set, from Supervisor.events(), before spawns
         self.failed_runs: dict[str, list[CriticalTaskError]] = {}
@@ -192,6 +194,7 @@ class RunLog:
             text += f"; last failure: {short(last)}"
         fields["last_failure"] = None if last is None else str(last)
         self.view.event("restarted", text, **fields)
+        self.on_restart(row.description)
 
     def _escalated(self, row: Row, event: TaskEvent) -> None:
         self.escalated[row.description] = event.detail

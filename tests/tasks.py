@@ -143,6 +143,23 @@ def work_until_cancelled(token: CancellationToken, progress: Connection) -> int:
     return done
 
 
+def work_in_steps(token: CancellationToken, progress: Connection, go: Connection) -> int:
+    """Do up to 99 units of work, each reported on ``progress`` and each after the first paced by
+    a message on ``go``; stop at the first unit that finds the token cancelled. Return the units
+    done: the test decides how many, whatever the machine's speed."""
+    done = 0
+    for i in range(1, 100):
+        if token.is_cancelled():
+            break
+        done = i  # one unit of work
+        progress.send(i)
+        if not go.poll(DEADLINE):
+            break
+        go.recv()
+    progress.close()
+    return done
+
+
 async def select_pattern(token: CancellationToken, ready: Connection) -> str | None:
     ready.send("ready")
     ready.close()

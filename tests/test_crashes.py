@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -185,18 +184,19 @@ def test_grandchild_holding_every_fd_does_not_delay_crash_detection(
     runtime: Supervisor, pipe: Pipe
 ) -> None:
     """Test that death is seen from the process itself, not pipe EOF: a grandchild holding the
-    result pipe (and every other fd) cannot hide the task's segfault."""
+    result pipe (and every other fd) cannot hide the task's segfault.
+
+    An order of events, not a latency: the grandchild keeps every fd open until it sees the tree
+    cancelled (or its own deadline passes). A supervisor that waited for EOF would cancel the
+    tree only after the grandchild had given up, and the grandchild would say "timed out".
+    """
     parent = CancellationToken()
     reader, writer = pipe()
     handle = runtime.spawn(tasks.grandchild_then_segfault, "x", args=(writer,), parent_token=parent)
     writer.close()
     assert reader.poll(DEADLINE)
-    _, crashed_at = reader.recv()
+    reader.recv()  # the grandchild is forked, holding every fd: the task crashes next
     assert parent.wait(DEADLINE)
-    latency = time.monotonic() - crashed_at
-    # Peers that wait for EOF notice only when the grandchild exits (here: never, until the
-    # token is cancelled). A generous bound keeps this a correctness check, not a benchmark.
-    assert latency < 1.0, f"crash noticed {latency:.3f} s late"
     with pytest.raises(TaskCrashedError, match="SIGSEGV"):
         handle.join(DEADLINE)
     # The grandchild (reparented to init, so not ours to reap) saw the tree cancelled and exits.

@@ -4,6 +4,14 @@ Each run reads the ``--json`` event stream and checks the story in order, restar
 included. Handshakes (Ctrl-C after the tasks have started) wait on that stream, never on a sleep;
 every read has a deadline. Two runs use a pseudo-terminal: the rich live view with Ctrl-C, and the
 plain fallback without rich.
+
+The orders checked here are the demo's own handshakes, not its schedules: the act that ends a story
+(the parser's segfault, the plugin's last crash) waits for a cue that the demo gives once every
+other task has played its part and been shown (``procsup._demo_tasks``). So the cache's restart
+and the coordinator's sub-task come before the segfault, and the fetcher's recovery before the
+plugin's escalation, however late a busy machine runs the schedules. One schedule is left, in the
+Ctrl-C runs: the interrupt must land before the story's first failure (the cache builder's memory
+limit, ~3 s in); the tests send it the moment they read that every task has started.
 """
 
 from __future__ import annotations

@@ -83,15 +83,26 @@ def test_seed_03_task_panic_is_caught_and_reported(runtime: Supervisor) -> None:
 
 
 def test_seed_04_graceful_shutdown_via_cancellation_token(runtime: Supervisor, pipe: Pipe) -> None:
-    """Test that cancel() stops a task after some work, cleanly, without cancelling the parent."""
+    """Test that cancel() stops a task after some work, cleanly, without cancelling the parent.
+
+    The test paces the work (a handshake per unit), so the units done before the cancel are
+    exactly three, however busy the machine: the seed's "0 < done < total", made exact.
+    """
     parent = CancellationToken()
-    reader, writer = pipe()
-    handle = start(runtime, tasks.work_until_cancelled, parent, "test-graceful-shutdown", writer)
-    writer.close()
-    assert handshake(reader) == 1
+    progress, progress_writer = pipe()
+    go_reader, go = pipe()
+    handle = start(
+        runtime, tasks.work_in_steps, parent, "test-graceful-shutdown", progress_writer, go_reader
+    )
+    progress_writer.close()
+    go_reader.close()
+    for unit in (1, 2, 3):
+        assert handshake(progress) == unit
+        if unit < 3:
+            go.send("next")
     handle.cancel()
-    work_done = handle.join(DEADLINE)
-    assert 0 < work_done < 99
+    go.send("next")  # the task looks at its token before the next unit
+    assert handle.join(DEADLINE) == 3
     assert not parent.is_cancelled()
 
 

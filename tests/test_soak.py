@@ -2,7 +2,7 @@
 
 Most runs use the fastest start method (forkserver, procsup's zygote, ~7 ms a task end to end on
 this loaded 2-core machine); fork (~9 ms) and spawn (~150 ms: a fresh interpreter each) get a
-smaller share, so the whole soak stays under ~40 s.
+smaller share, so the whole soak takes ~20 s alone, ~35 s beside two CPU hogs (its own timeout).
 """
 
 from __future__ import annotations
@@ -85,6 +85,9 @@ def _settle(before: dict[str, int]) -> dict[str, int]:
 
 
 @pytest.mark.slow
+# 2,000 process starts and 10 s of settling take ~20 s alone and ~35 s beside two CPU hogs: the
+# suite's 60 s backstop is for tests that wait on handshakes. This bound only catches a hang.
+@pytest.mark.timeout(300)
 def test_two_thousand_tasks_leave_counts_flat(monkeypatch: pytest.MonkeyPatch) -> None:
     """Test that 2,000 tasks of every outcome leave fds, threads, /dev/shm entries, semaphores,
     children, zombies, token slots and the zygote's fds and children where they were."""

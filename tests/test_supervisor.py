@@ -86,24 +86,37 @@ def test_stop_kills_the_whole_tree(runtime: Supervisor, pipe: Pipe) -> None:
 
 
 def test_shutdown_escalates_stragglers_and_reaps(start_method: str, pipe: Pipe) -> None:
-    """Test that shutdown() cancels, waits, then stops a task ignoring cancellation."""
-    parent = CancellationToken()  # not under the supervisor's root: shutdown must leave it alone
+    """Test that shutdown() cancels, waits for a task that honours it, and stops one that does not.
+
+    Each under a supervisor of its own, so that no outcome races a grace period: the cooperative
+    task gets a grace that only a hang would use up (shutdown returns as soon as it is done), the
+    stubborn one a short grace that it always uses up. Both are running (handshake) before.
+    """
+    parent = CancellationToken()  # under neither root: shutdown must leave it alone
     reader, writer = pipe()
-    sup = Supervisor(start_method=start_method, grace_period=0.1)
-    coop = sup.spawn(tasks.wait_for_cancel, "coop", parent_token=parent)
-    stubborn = sup.spawn(tasks.ignore_cancel, "stubborn", args=(writer,), parent_token=parent)
+    patient = Supervisor(start_method=start_method, grace_period=DEADLINE)
+    coop = patient.spawn(tasks.wait_for_cancel, "coop", args=(writer,), parent_token=parent)
+    strict = Supervisor(start_method=start_method, grace_period=0.1)
+    stubborn = strict.spawn(tasks.ignore_cancel, "stubborn", args=(writer,), parent_token=parent)
     writer.close()
-    assert reader.poll(DEADLINE)
-    sup.shutdown()
-    assert sup.token.cause == "Supervisor shut down"
-    assert coop.join(0) == "cancelled"
+    for _ in range(2):
+        assert reader.poll(DEADLINE)
+        reader.recv()
+    patient.shutdown()
+    assert coop.join(0) == "cancelled"  # shutdown returned once it had finished, not killed
+    assert not stubborn.is_finished()
+    strict.shutdown()
+    for sup in (patient, strict):
+        assert sup.token.cause == "Supervisor shut down"
+    assert stubborn.is_cancelled()  # its own token, cancelled by shutdown, ignored
     with pytest.raises(TaskCrashedError, match="stopped on request") as info:
         stubborn.join(0)
     assert info.value.stopped
+    assert "did not honour cancellation within 0.1 s of shutdown" in str(info.value)
     assert not parent.is_cancelled()
-    sup.shutdown()  # idempotent
+    strict.shutdown()  # idempotent
     with pytest.raises(RuntimeError, match="shut down"):
-        sup.spawn(tasks.return_value, "late", args=(1,))
+        strict.spawn(tasks.return_value, "late", args=(1,))
 
 
 def test_spawn_defaults_to_the_supervisor_token(runtime: Supervisor) -> None:

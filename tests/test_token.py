@@ -463,6 +463,10 @@ def test_ten_thousand_tokens_under_a_1024_fd_limit() -> None:
     assert result.stdout.strip() == "ok"
 
 
+# A million creates and drops: ~6 s alone, ~16 s beside two CPU hogs, and more when the machine
+# is shared further; the suite's 60 s backstop is for tests that wait on handshakes. A million,
+# not fewer: the bound below is then ~4 bytes a token, so any per-token leak shows.
+@pytest.mark.timeout(300)
 def test_a_million_tokens_keep_rss_flat() -> None:
     """Test that creating and dropping 1,000,000 child tokens (some cancelled) keeps RSS flat."""
     root = CancellationToken()
