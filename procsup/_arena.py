@@ -106,7 +106,7 @@ import weakref
 from collections import deque
 from typing import Any, ClassVar
 
-from procsup._futex import futex_or_wake, futex_wake
+from procsup._futex import futex_or_wake, futex_wait, futex_wake
 
 SLOT_WORDS = 8
 _WORD, _REFS, _PARENT, CAUSE, HINT, _FIRST, _NEXT, _PREV = range(8)
@@ -122,6 +122,9 @@ _H_MAGIC, _H_HIGH, _H_FREE, _H_CAUSE_HIGH, _H_CAUSE_FREE, _H_DIRTY = range(6)
 _H_OP, _H_A, _H_B, _H_C, _H_D = range(6, 11)  # the redo journal of one sibling-list update
 # Requests may be pending; the last request filed; a futex word nobody waits on (a fence).
 _H_REQUESTS, _H_SEQ, _H_FENCE = range(11, 14)
+# Bumped by every unlock, under the lock; 1 while somebody waits for the lock with a deadline
+# (a futex wait on _H_UNLOCKS: no timed wait exists for the record lock itself).
+_H_UNLOCKS, _H_LOCK_WAITERS = range(14, 16)
 _OP_LINK, _OP_UNLINK = 1, 2
 _MAGIC = 0x50524F43  # "PROC"
 
@@ -146,8 +149,8 @@ _NO_REASON = 0xFFFFFFFF  # in a request's nbytes: cancel() without a reason
 
 # How long cancel() waits for the arena lock before filing a request instead. The lock is held for
 # microseconds; a holder not done after this long is stopped or starved, and a request costs
-# nothing but a slower is_cancelled() in the subtree until the lock comes free. There is no timed
-# wait for a record lock (F_SETLKW has no timeout), so the wait polls, backing off to 1 ms.
+# nothing but a slower is_cancelled() in the subtree until the lock comes free. F_SETLKW has no
+# timeout, so such a wait sleeps on a futex that every unlock bumps (see ``Arena.lock``).
 PATIENCE = 0.01
 
 _ARENA_BYTES = (_REQUEST_BASE + _REQUESTS * _REQUEST_WORDS) * 4
@@ -249,12 +252,14 @@ class Arena:
         """
         if patience is None:
             self._thread_lock.acquire()
-        elif not self._thread_lock.acquire(timeout=patience):
+        elif not self._thread_lock.acquire(blocking=False) and not (
+            patience and self._thread_lock.acquire(timeout=patience)
+        ):
             return False
         try:
             if patience is None:
                 fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0)
-            elif not self._try_byte(0, patience):
+            elif not self._try_byte(0) and not (patience and self._lock_within(patience)):
                 self._thread_lock.release()
                 return False
         except BaseException:
@@ -268,22 +273,36 @@ class Arena:
             self._carry_out_requests()
         return True
 
-    def _try_byte(self, byte: int, patience: float) -> bool:
-        """Lock ``byte`` of the memfd without blocking for more than ``patience`` seconds."""
+    def _lock_within(self, patience: float) -> bool:
+        """Take the record lock on byte 0 within ``patience`` seconds, sleeping between tries on
+        the ``_H_UNLOCKS`` futex.
+
+        No wake-up is lost: we store ``_H_LOCK_WAITERS`` and then (after the try's syscall, a full
+        barrier) the kernel compares ``_H_UNLOCKS`` as it queues us; the holder bumps
+        ``_H_UNLOCKS`` and then (after its unlock syscall) loads ``_H_LOCK_WAITERS``. So either we
+        see the bump and do not sleep, or the holder sees us and wakes us.
+        """
         deadline = time.monotonic() + patience
-        delay = 50e-6
+        w = self.words
         while True:
-            try:
-                fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, byte)
+            seen = w[_H_UNLOCKS]
+            w[_H_LOCK_WAITERS] = 1
+            if self._try_byte(0):
                 return True
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, 1e-3)
+            futex_wait(self.address + _H_UNLOCKS * 4, seen, remaining)
+
+    def _try_byte(self, byte: int) -> bool:
+        """Lock ``byte`` of the memfd if nobody else holds it; never blocks."""
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, byte)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            return False
 
     def unlock(self) -> None:
         """Drain queued work, unlock, then wake the waiters of every slot changed meanwhile."""
@@ -301,12 +320,16 @@ class Arena:
                     self._release(slot)
         finally:
             woken, self._woken = self._woken, []
+            words = self.words
+            words[_H_UNLOCKS] = words[_H_UNLOCKS] + 1 & 0xFFFFFFFF
             fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
             self._thread_lock.release()
         # After unlock: the unlock syscall orders our stores of `word` before these loads of
         # `hint`, as a waiter's futex syscall orders its store of `hint` before the kernel's load
-        # of `word`; so either we see its hint or it sees our word.
-        words = self.words
+        # of `word`; so either we see its hint or it sees our word. Likewise for lock waiters.
+        if words[_H_LOCK_WAITERS]:
+            words[_H_LOCK_WAITERS] = 0
+            futex_wake(self.address + _H_UNLOCKS * 4)
         for slot in woken:
             if words[slot * SLOT_WORDS + HINT]:
                 futex_wake(self.address + slot * SLOT_WORDS * 4)
@@ -354,7 +377,7 @@ class Arena:
             first = os.getpid() % _REQUESTS  # processes start their search apart
             for i in range(_REQUESTS):
                 entry = (first + i) % _REQUESTS
-                if not self._try_byte(1 + entry, 0):
+                if not self._try_byte(1 + entry):
                     continue  # another process is filing it (or is stopped doing so)
                 try:
                     base = _REQUEST_BASE + entry * _REQUEST_WORDS

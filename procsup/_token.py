@@ -157,7 +157,7 @@ class CancellationToken:
         deadline = None if limit is None else time.monotonic() + limit
         while True:
             current = words[word]
-            if current != live and self._cancelled_after_all():
+            if current != live and (current & ~PULL != live or self._cancelled_after_all()):
                 return True
             remaining = None
             if deadline is not None:

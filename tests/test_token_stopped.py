@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import random
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,8 +21,8 @@ from typing import Any
 import psutil
 import pytest
 
-from procsup import CancellationToken, Supervisor, TaskCrashedError
-from procsup._arena import _H_REQUESTS, Arena
+from procsup import CancellationToken, Supervisor, TaskCrashedError, _arena
+from procsup._arena import _H_LOCK_WAITERS, _H_REQUESTS, Arena
 from tests import tasks, token_tasks
 
 DEADLINE = 30.0
@@ -115,6 +116,39 @@ def test_cancel_wakes_waiters_while_a_stopped_process_holds_the_lock(method: str
         waiter.join(DEADLINE)
         reader.close()
     assert waiter.exitcode == 0
+
+
+def test_a_patient_cancel_is_woken_by_the_unlock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test that cancel() waiting for a lock another process holds is woken when it is given
+    back, takes it and cancels there (no request filed), however long its patience."""
+    monkeypatch.setattr(_arena, "PATIENCE", 2 * DEADLINE)  # a lost wake-up fails the join
+    ctx: Any = multiprocessing.get_context("fork")
+    arena = Arena.default()
+    token = CancellationToken()
+    here, there = ctx.Pipe()
+    holder = ctx.Process(target=token_tasks.hold_the_lock, args=(there,))
+    holder.start()
+    try:
+        assert here.poll(DEADLINE)
+        assert here.recv() == "held"
+        canceller = threading.Thread(target=token.cancel, args=("patient",))
+        arena.words[_H_LOCK_WAITERS] = 0  # a hint only: whoever waits sets it again
+        canceller.start()
+        for _ in range(10_000_000):  # the canceller says it waits: a handshake
+            if arena.words[_H_LOCK_WAITERS]:
+                break
+            os.sched_yield()
+        else:
+            pytest.fail("cancel() never waited for the lock")
+        assert not token.is_cancelled()
+        here.send("go")
+        canceller.join(DEADLINE)
+        assert not canceller.is_alive()
+    finally:
+        holder.join(DEADLINE)
+        here.close()
+    assert token.cause == "patient"
+    assert arena.words[_H_REQUESTS] == 0
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])

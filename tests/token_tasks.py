@@ -128,3 +128,14 @@ def fail_once(token: CancellationToken, go: CancellationToken, marker: str) -> s
         pass
     go.wait(DEADLINE)
     raise RuntimeError("first run")
+
+
+def hold_the_lock(conn: Any) -> None:
+    """Hold this process family's arena lock from "held" until told "go"."""
+    from procsup._arena import Arena
+
+    arena = Arena.default()
+    arena.lock()
+    conn.send("held")
+    conn.poll(DEADLINE)
+    arena.unlock()
