@@ -132,7 +132,7 @@ def test_timeout_cancels_a_cooperative_task(runtime: Supervisor, pipe: Pipe) -> 
 def test_timeout_then_grace_then_stop(start_method: str, pipe: Pipe) -> None:
     """Test that a task ignoring its timeout's cancellation is killed after the grace period, and
     that this crash cancels the parent."""
-    reader, writer = pipe()
+    _reader, writer = pipe()
     parent = CancellationToken()
     with Supervisor(start_method=start_method, grace_period=0.2) as sup:
         h = sup.spawn(
@@ -142,7 +142,8 @@ def test_timeout_then_grace_then_stop(start_method: str, pipe: Pipe) -> None:
             parent_token=parent,
             timeout=0.2,
         )
-        assert reader.poll(DEADLINE)
+        # No handshake first: under load a spawn child may still be starting when the 0.4 s are
+        # up, and it is then killed before it says it runs, which this test accepts as well.
         with pytest.raises(TaskCrashedError) as info:
             h.join(DEADLINE)
     message = str(info.value)
