@@ -50,6 +50,7 @@ from procsup._status import EventStream, StatusHub, TaskEvent, TaskSnapshot
 from procsup._timeouts import check_timeout
 from procsup._timers import Timers
 from procsup._token import CancellationToken
+from procsup._zygote import preload as zygote_preload
 
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext
@@ -61,6 +62,8 @@ __all__ = ["Supervisor", "default_supervisor"]
 T = TypeVar("T")
 
 logger = logging.getLogger("procsup")
+
+_OWN_PRELOAD = ("procsup", "procsup._task")  # what the zygote imports for every supervisor
 
 
 class _Default(enum.Enum):
@@ -95,7 +98,8 @@ class Supervisor:
         ValueError: an unknown start method, or a negative, NaN, infinite or None grace period.
         TypeError: ``token`` is not a token, ``grace_period`` not a number, ``preload`` not module
             names.
-        ModuleNotFoundError: a ``preload`` module cannot be found (its message names it).
+        ModuleNotFoundError: a ``preload`` module cannot be found (its message names it). One
+            that is found but raises when imported makes the first ``spawn()`` raise ImportError.
     """
 
     def __init__(
@@ -121,7 +125,7 @@ class Supervisor:
         self._grace = grace
         self._method = start_method
         self._ctx: BaseContext = multiprocessing.get_context(start_method)
-        self._preload = ["procsup", "procsup._task", *preload]
+        self._preload = [*_OWN_PRELOAD, *preload]
         self.token = token if token is not None else CancellationToken()
         self._lock = threading.Lock()  # guards _closed and _monitor
         self._closed = False  # set once by shutdown(); no task starts after
@@ -232,6 +236,8 @@ class Supervisor:
         Raises:
             TypeError, ValueError: a bad argument (ValueError for a bad value: a negative limit,
                 an unknown policy); no process is started then.
+            ImportError: a ``preload`` module raised when imported (the first spawn imports
+                them); the message names it and its error, and no process is started.
             RuntimeError: after ``shutdown()``.
         """
         from procsup._handle import CriticalTaskExecutionHandle
@@ -340,12 +346,30 @@ class Supervisor:
                 self._signals = SignalBridge(self, (signal.SIGINT, signal.SIGTERM))
 
     def _boot(self, task_module: str | None) -> Monitor:
+        """Import the preload list where tasks are forked from, then make the Monitor.
+
+        Raises:
+            ImportError: a ``preload`` module raised when imported (a module that cannot be found
+                was refused by the constructor already); the message names it and its error.
+        """
+        mine = self._preload[len(_OWN_PRELOAD) :]
         if self._method == "fork":  # forked tasks find these imported; the zygote imports its own
+            failed = []
             for name in [*self._preload, task_module or "__main__"]:
                 try:
                     importlib.import_module(name)
-                except Exception:  # the task imports what it needs itself, and fails there
-                    logger.warning("procsup could not preload module %r", name, exc_info=True)
+                except (Exception, SystemExit) as exc:
+                    if name in mine:
+                        failed.append((name, f"{type(exc).__name__}: {exc}"))
+                    else:  # the task's own module: the task imports it itself, and fails there
+                        logger.warning("procsup could not preload module %r", name, exc_info=True)
+        else:
+            failed = zygote_preload(mine) if mine else []
+        if failed:
+            name, error = failed[0]
+            raise ImportError(
+                f"Supervisor preload module {name!r} cannot be imported: {error}", name=name
+            )
         return Monitor()
 
     def shutdown(self, timeout: float | _Default | None = GRACE_PERIOD) -> None:

@@ -86,6 +86,7 @@ __all__ = [
     "daemon_fds",
     "guard",
     "inherited",
+    "preload",
     "run_target",
     "uninterrupted",
     "zygote_pids",
@@ -425,6 +426,12 @@ class _Zygote:
             self._call(("path", path), [])
             self._path = path
 
+    def preload(self, names: Sequence[str]) -> list[tuple[str, str]]:
+        """Have the zygote import ``names`` now; return each that failed, with its error."""
+        reply = self._call(("preload", list(names)), [])
+        failed: list[tuple[str, str]] = reply[1]
+        return failed
+
     @classmethod
     def get(cls) -> _Zygote:
         with cls._instance_lock:
@@ -494,6 +501,14 @@ class _Zygote:
 
     def fds(self) -> list[int]:
         return [self._sock.fileno()] if self._pid == os.getpid() else []
+
+
+def preload(names: Sequence[str]) -> list[tuple[str, str]]:
+    """Import ``names`` in this process's zygote (starting it if needed); return each that failed
+    to import, with its error (``"ImportError: ..."``)."""
+    zygote = _Zygote.get()
+    zygote.sync_path()
+    return zygote.preload(names)
 
 
 def daemon_fds() -> list[int]:

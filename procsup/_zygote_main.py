@@ -162,6 +162,10 @@ class _Server:
             self.drop_spare(kill=False)  # it has the old path; the next start forks afresh
             self.sock.send(pickle.dumps(("ok",)))
             return -1
+        if message[0] == "preload":
+            # Supervisor's first start: its preload list, imported here now, failures named.
+            self.sock.send(pickle.dumps(("preloaded", _import(message[1]))))
+            return -1
         if message[0] == "guard":
             _, pid, grace, args = message  # fds: the fork task's shim's pidfd, the token's
             token, redundant = _borrow(args, fds[1:])
@@ -362,11 +366,20 @@ def _rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
     return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
 
 
-def _import(preload: list[str]) -> None:
+def _import(preload: list[str]) -> list[tuple[str, str]]:
+    """Import what is not imported yet; return each module that failed, with its error.
+
+    A module that raises (SystemExit included) stays unimported and is tried again next time:
+    the supervisor reports it at its first start, a task that needs it fails where it imports it.
+    """
+    failed = []
     for name in preload:
         if name not in sys.modules:
-            with contextlib.suppress(Exception):
+            try:
                 importlib.import_module(name)
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - the supervisor raises it
+                failed.append((name, f"{type(exc).__name__}: {exc}"))
+    return failed
 
 
 def _unpickle_and_run(payload: bytes) -> None:

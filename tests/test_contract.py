@@ -71,6 +71,22 @@ def test_preload_is_imported_before_the_task(start_method: str) -> None:
         assert sup.spawn(contract_tasks.preloaded, "preloaded").join(DEADLINE) is True
 
 
+def test_preload_that_raises_fails_the_first_spawn(start_method: str) -> None:
+    """Test that a preload module that is found but raises when imported makes the first spawn
+    raise ImportError naming it and its error, before any task starts, under every method."""
+    sup = Supervisor(start_method=start_method, preload=["tests.contract_unrun"])
+    try:
+        for _ in range(2):  # and every spawn after it: nothing half-started is left behind
+            with pytest.raises(ImportError, match=r"module 'tests\.contract_unrun'") as info:
+                sup.spawn(tasks.return_value, "never", args=(1,))
+            assert info.value.name == "tests.contract_unrun"
+            assert "AssertionError: tests.contract_unrun was imported" in str(info.value)
+        assert sup.tasks() == []
+    finally:
+        sup.shutdown()
+    assert "tests.contract_unrun" not in sys.modules
+
+
 # ---------------------------------------------------------------- kwargs
 
 
