@@ -4,7 +4,7 @@
 
     process A                 arena: one memfd, MAP_SHARED in every process           process B
     ─────────                 ─────────────────────────────────────────────           ─────────
-    token(slot 7, 2g)  ──▶  | header | slot 2 | ... | slot 7 | ... | causes |  ◀──  token(7, 2g)
+    token(slot 7, 2g)  ──▶  | header | slot 3 | ... | slot 7 | ... | causes |  ◀──  token(7, 2g)
                                          ▲ parent      word = 2g + cancelled
     is_cancelled(): one 32-bit load of slot.word, compared with 2g   (no lock, no syscall)
     wait():         FUTEX_WAIT on slot.word while it still reads 2g
@@ -27,11 +27,15 @@ A cancel that cannot wait for the lock (a stopped holder keeps it for as long as
     it runs, or anybody once it dies) does the      under the lock, as if asked    named by a
     cancel() under the lock and frees entry e                                      committed request
 
+A waiter whose word reads ``PULL`` only (covered by nothing, or not yet) sleeps on the header's
+``epoch`` instead of its word, which a new request would not change: filers and lock holders move
+the epoch and wake it whenever such waiters are counted (``wait_pulled``).
+
 A token is a handle on one slot of an arena. An arena is created lazily, once per process family:
 tokens pickled into a child carry the arena's fd (``multiprocessing.reduction.DupFd``), and the
 child adopts that arena for the roots it creates, so a whole tree of processes shares one fd.
 
-Invariants of a slot (``SLOT_WORDS`` 32-bit words; slot 0 and 1 hold the header):
+Invariants of a slot (``SLOT_WORDS`` 32-bit words; slots 0 to 2 hold the header):
 
 - ``word`` is ``PULL * p + 2 * gen + c`` (``gen`` is 30 bits). ``gen`` changes exactly when the slot
   is freed, so a handle that outlives its slot (only possible for a token inherited through a bare
@@ -70,12 +74,14 @@ Things that don't work
   its lock held in 19 of 30 trials, blocking every other process forever; and ``set()`` blocks
   forever once a waiter has been SIGKILLed (python/cpython#75158: ``Condition.notify_all`` waits for
   a dead waiter). It is also ~15x slower to poll than a plain load.
-- Any lock in shared memory (a ``multiprocessing.Lock``, a pthread mutex): a holder killed inside
-  the critical section leaves it locked for good. The arena lock is therefore ``fcntl.lockf`` on the
-  memfd, which the kernel drops when its holder dies, plus a ``threading.Lock`` because POSIX record
-  locks do not exclude threads of one process.
-- Walking the ancestors in ``is_cancelled()``: nine loads at depth 8 break the cost target; the
-  cancelling side pays instead, once.
+- Any lock in shared memory (a ``multiprocessing.Lock``, a plain pthread mutex): a holder killed
+  inside the critical section leaves it locked for good. (A robust pthread mutex survives a dead
+  holder, but not a stopped one, and Python reaches it only through a C extension.) The arena lock
+  is therefore ``fcntl.lockf`` on the memfd, which the kernel drops when its holder dies, plus a
+  ``threading.Lock`` because POSIX record locks do not exclude threads of one process.
+- Walking the ancestors in every ``is_cancelled()``: nine loads at depth 8 break the cost target;
+  the cancelling side pays instead, once. Readers walk them (and read the 64 request entries, some
+  microseconds) only while their word reads ``PULL``.
 - A pipe or eventfd per node: 10,000 tokens would need 10,000 fds.
 - Waiting for the lock without a bound: a holder that is stopped, not dead, keeps a record lock
   for as long as it is stopped, and every canceller (the supervision thread included) would stall
@@ -88,6 +94,15 @@ Things that don't work
 - Reading ``PULL`` on every ``is_cancelled()``: the fast path stays one load and one compare
   (``word != live``), and ``PULL`` lives in the word itself so that a changed word is the only
   signal a reader needs.
+
+Limits, while a stopped process holds the lock (none of them outlives its stop)
+-------------------------------------------------------------------------------
+- At most 64 requests wait at once; the next cancel() of another node waits for the lock.
+- A token covered by cancels that raced each other (two requests, or a request and a walk under
+  way) may read one of their causes, then, once they are carried out, the other: which came
+  first has no order that every process sees the same way without a shared atomic counter. Each
+  cause it reads is that of a cancellation that reached it.
+- Token drops and prunes queued meanwhile wait for the next lock this process takes.
 """
 
 from __future__ import annotations
@@ -106,25 +121,30 @@ import weakref
 from collections import deque
 from typing import Any, ClassVar
 
-from procsup._futex import futex_or_wake, futex_wait, futex_wake
+from procsup._futex import futex_add, futex_or_wake, futex_wait, futex_wake
 
 SLOT_WORDS = 8
 _WORD, _REFS, _PARENT, CAUSE, HINT, _FIRST, _NEXT, _PREV = range(8)
 _SLOTS = 1 << 20  # 32 MiB of address space; pages are touched only as slots are used
-_FIRST_SLOT = 2  # slots 0 and 1 hold the header, so a parent of 0 means "no parent"
+_FIRST_SLOT = 3  # slots 0 to 2 hold the header, so a parent of 0 means "no parent"
 
 PULL_BIT = 31
 PULL = 1 << PULL_BIT  # "a request may cover you: look up" (see the module header)
 GEN = 0x7FFFFFFE  # the gen bits of a word: two words name the same node iff they agree on these
 
-# Header words (inside slots 0 and 1).
+# Header words (inside slots 0 to 2).
 _H_MAGIC, _H_HIGH, _H_FREE, _H_CAUSE_HIGH, _H_CAUSE_FREE, _H_DIRTY = range(6)
 _H_OP, _H_A, _H_B, _H_C, _H_D = range(6, 11)  # the redo journal of one sibling-list update
 # Requests may be pending; the last request filed; a futex word nobody waits on (a fence).
 _H_REQUESTS, _H_SEQ, _H_FENCE = range(11, 14)
-# Bumped by every unlock, under the lock; 1 while somebody waits for the lock with a deadline
-# (a futex wait on _H_UNLOCKS: no timed wait exists for the record lock itself).
+# Bumped by every unlock, under the lock; how many wait for the lock with a deadline (a futex wait
+# on _H_UNLOCKS: no timed wait exists for the record lock itself). Counts change atomically
+# (futex_add); one left by a waiter that was killed costs each unlock a futile wake, nothing more.
 _H_UNLOCKS, _H_LOCK_WAITERS = range(14, 16)
+# Moved (atomically) and woken when a request is committed or a node changes under the lock while
+# somebody waits on a word that reads PULL only (counted in _H_PULL_WAITERS): such a waiter sleeps
+# here, since a word that already has PULL does not change when a new request covers it.
+_H_EPOCH, _H_PULL_WAITERS = range(16, 18)
 _OP_LINK, _OP_UNLINK = 1, 2
 _MAGIC = 0x50524F43  # "PROC"
 
@@ -152,6 +172,7 @@ _NO_REASON = 0xFFFFFFFF  # in a request's nbytes: cancel() without a reason
 # nothing but a slower is_cancelled() in the subtree until the lock comes free. F_SETLKW has no
 # timeout, so such a wait sleeps on a futex that every unlock bumps (see ``Arena.lock``).
 PATIENCE = 0.01
+_PULL_TRIES = 16  # walks of a subtree whose lists keep changing before leaving it to their changer
 
 _ARENA_BYTES = (_REQUEST_BASE + _REQUESTS * _REQUEST_WORDS) * 4
 
@@ -252,10 +273,11 @@ class Arena:
         """
         if patience is None:
             self._thread_lock.acquire()
-        elif not self._thread_lock.acquire(blocking=False) and not (
-            patience and self._thread_lock.acquire(timeout=patience)
-        ):
-            return False
+        elif not self._thread_lock.acquire(blocking=False):
+            deadline = time.monotonic() + patience
+            if not patience or not self._thread_lock.acquire(timeout=patience):
+                return False
+            patience = max(deadline - time.monotonic(), 0.0)  # what is left of it
         try:
             if patience is None:
                 fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0)
@@ -277,22 +299,27 @@ class Arena:
         """Take the record lock on byte 0 within ``patience`` seconds, sleeping between tries on
         the ``_H_UNLOCKS`` futex.
 
-        No wake-up is lost: we store ``_H_LOCK_WAITERS`` and then (after the try's syscall, a full
-        barrier) the kernel compares ``_H_UNLOCKS`` as it queues us; the holder bumps
-        ``_H_UNLOCKS`` and then (after its unlock syscall) loads ``_H_LOCK_WAITERS``. So either we
-        see the bump and do not sleep, or the holder sees us and wakes us.
+        No wake-up is lost: we count ourselves in ``_H_LOCK_WAITERS`` (an atomic add, a full
+        barrier) before we read ``_H_UNLOCKS``, and the kernel compares it as it queues us; the
+        holder bumps ``_H_UNLOCKS`` and then (after its unlock syscall) loads the count. So either
+        we see the bump and do not sleep, or the holder sees us and wakes us. A holder that dies
+        wakes nobody: its waiters then give up at their deadline and file a request.
         """
         deadline = time.monotonic() + patience
         w = self.words
-        while True:
-            seen = w[_H_UNLOCKS]
-            w[_H_LOCK_WAITERS] = 1
-            if self._try_byte(0):
-                return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            futex_wait(self.address + _H_UNLOCKS * 4, seen, remaining)
+        waiters = self.address + _H_LOCK_WAITERS * 4
+        futex_add(waiters, 1, wake=False)
+        try:
+            while True:
+                seen = w[_H_UNLOCKS]
+                if self._try_byte(0):
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                futex_wait(self.address + _H_UNLOCKS * 4, seen, remaining)
+        finally:
+            futex_add(waiters, -1, wake=False)
 
     def _try_byte(self, byte: int) -> bool:
         """Lock ``byte`` of the memfd if nobody else holds it; never blocks."""
@@ -306,33 +333,40 @@ class Arena:
 
     def unlock(self) -> None:
         """Drain queued work, unlock, then wake the waiters of every slot changed meanwhile."""
+        words = self.words
         try:
-            if self.words[_H_REQUESTS]:
+            if words[_H_REQUESTS]:
                 self._carry_out_requests()
             while self._pending:
                 slot, live, prune = self._pending.popleft()
                 # A node pruned or freed meanwhile is in another gen: not ours.
-                if (self.words[slot * SLOT_WORDS + _WORD] ^ live) & GEN:
+                if (words[slot * SLOT_WORDS + _WORD] ^ live) & GEN:
                     continue
                 if prune:
                     self.prune(slot)
                 else:
                     self._release(slot)
+            if words[_H_REQUESTS]:  # filed while we drained
+                self._carry_out_requests()
         finally:
             woken, self._woken = self._woken, []
-            words = self.words
             words[_H_UNLOCKS] = words[_H_UNLOCKS] + 1 & 0xFFFFFFFF
             fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
             self._thread_lock.release()
         # After unlock: the unlock syscall orders our stores of `word` before these loads of
         # `hint`, as a waiter's futex syscall orders its store of `hint` before the kernel's load
-        # of `word`; so either we see its hint or it sees our word. Likewise for lock waiters.
+        # of `word`; so either we see its hint or it sees our word. Likewise for the counts of
+        # lock waiters and PULL waiters, and for requests: a filer commits, then tries the lock
+        # (both syscalls); we unlock, then look for requests. One of us carries it out.
         if words[_H_LOCK_WAITERS]:
-            words[_H_LOCK_WAITERS] = 0
             futex_wake(self.address + _H_UNLOCKS * 4)
         for slot in woken:
             if words[slot * SLOT_WORDS + HINT]:
                 futex_wake(self.address + slot * SLOT_WORDS * 4)
+        if woken and words[_H_PULL_WAITERS]:
+            futex_add(self.address + _H_EPOCH * 4, 1, wake=True)
+        if words[_H_REQUESTS] and self.lock(patience=0):
+            self.unlock()
 
     def holder(self) -> int | None:
         """The pid of the process holding the arena lock, or None (diagnostics and tests)."""
@@ -358,6 +392,8 @@ class Arena:
             finally:
                 self.unlock()
             return
+        if (self.words[slot * SLOT_WORDS + _WORD] ^ live) & GEN:
+            return  # gone (a stale handle): its slot, and PULL, are a stranger's now
         if not self._file_request(slot, live, reason):
             # Every entry is taken by a request not yet carried out: wait like before requests.
             self.lock()
@@ -368,6 +404,8 @@ class Arena:
                 self.unlock()
             return
         self._pull_subtree(slot)
+        if self.words[_H_PULL_WAITERS]:  # after the atomic ORs: a full barrier
+            futex_add(self.address + _H_EPOCH * 4, 1, wake=True)
         if self.lock(patience=0):  # the holder may be gone by now: carry it out at once
             self.unlock()
 
@@ -407,20 +445,69 @@ class Arena:
 
     def _pull_subtree(self, root: int) -> None:
         """Set ``PULL`` on ``root`` and every node its lists reach, waking each: without the lock,
-        so the lists may be changing under us. Reads only, besides the kernel's atomic OR."""
+        so a running holder may be changing the lists under us. Reads only, besides the kernel's
+        atomic OR. A walk that finds a list changed starts again; if the lists keep changing, the
+        holder changing them carries the request out when it unlocks (``unlock``)."""
+        futex_or_wake(self.address + root * SLOT_WORDS * 4, PULL_BIT)
+        for _ in range(_PULL_TRIES):
+            if self._pull_walk(root):
+                return
+
+    def _pull_walk(self, root: int) -> bool:
+        """One walk of ``_pull_subtree``; False if a list changed under it.
+
+        A hop from a link (a parent's ``first`` or a sibling's ``next``) to a node is trusted only
+        if, after the node's own links were read, the link still names the node and neither the
+        node's nor the link owner's gen moved: a freed node's ``next`` leads into the free list,
+        and its unlink changes the link to it before its gen moves.
+        """
         w = self.words
         address = self.address
-        futex_or_wake(address + root * SLOT_WORDS * 4, PULL_BIT)
-        budget = w[_H_HIGH]  # a list changing under us must not keep us walking forever
+        budget = w[_H_HIGH]  # never loop forever on a list that keeps changing
         stack = [root]
-        while stack and budget > 0:
-            child = w[stack.pop() * SLOT_WORDS + _FIRST]
-            while _FIRST_SLOT <= child < _SLOTS and budget > 0:
+        while stack:
+            owner = stack.pop()
+            owner_word = w[owner * SLOT_WORDS + _WORD]
+            link = owner * SLOT_WORDS + _FIRST
+            child = w[link]
+            while child:
                 budget -= 1
-                futex_or_wake(address + child * SLOT_WORDS * 4, PULL_BIT)
-                if w[child * SLOT_WORDS + _FIRST]:
+                if not _FIRST_SLOT <= child < _SLOTS or budget < 0:
+                    return False
+                base = child * SLOT_WORDS
+                child_word = w[base + _WORD]
+                futex_or_wake(address + base * 4, PULL_BIT)
+                first, after = w[base + _FIRST], w[base + _NEXT]
+                if (
+                    w[link] != child
+                    or (w[base + _WORD] ^ child_word) & GEN
+                    or (w[owner * SLOT_WORDS + _WORD] ^ owner_word) & GEN
+                ):
+                    return False
+                if first:
                     stack.append(child)
-                child = w[child * SLOT_WORDS + _NEXT]
+                owner, owner_word, link, child = child, child_word, base + _NEXT, after
+        return True
+
+    def wait_pulled(self, slot: int, live: int, timeout: float | None) -> bool:
+        """For a word that reads ``PULL`` only: True if the node is cancelled (or gone) after all;
+        else sleep until a request is committed or a node changes, or ``timeout`` passes, and
+        return False for the caller to look again."""
+        w = self.words
+        count = self.address + _H_PULL_WAITERS * 4
+        futex_add(count, 1, wake=False)  # a full barrier before the loads below
+        try:
+            epoch = w[_H_EPOCH]
+            if w[slot * SLOT_WORDS + _WORD] & ~PULL != live or self.pulled(slot, live)[0]:
+                return True
+            futex_wait(self.address + _H_EPOCH * 4, epoch, timeout)
+            return False
+        finally:
+            futex_add(count, -1, wake=False)
+
+    def wake_pulled(self) -> None:
+        """Wake every waiter sleeping in ``wait_pulled`` (they look again)."""
+        futex_add(self.address + _H_EPOCH * 4, 1, wake=True)
 
     def _carry_out_requests(self) -> None:
         """Under the lock: cancel() what each committed request asked for, in filing order."""

@@ -13,7 +13,7 @@ import os
 import platform
 import sys
 
-__all__ = ["futex_or_wake", "futex_wait", "futex_wake"]
+__all__ = ["futex_add", "futex_or_wake", "futex_wait", "futex_wake"]
 
 if not sys.platform.startswith("linux"):  # pragma: no cover - procsup targets Linux
     raise ImportError(f"procsup needs Linux futexes (sys.platform is {sys.platform!r})")
@@ -34,9 +34,11 @@ _FUTEX_WAIT = 0
 _FUTEX_WAKE = 1
 _FUTEX_WAKE_OP = 5
 _WAKE_ALL = 0x7FFFFFFF
-# FUTEX_WAKE_OP's val3: op FUTEX_OP_OR (2) with FUTEX_OP_OPARG_SHIFT (8), so the operand is
-# ``1 << oparg``. Its conditional second wake is for ``val2`` = 0 waiters: the first wake, on the
-# same word, already woke everybody.
+# FUTEX_WAKE_OP's val3 is (op << 28) | (cmp << 24) | (oparg << 12) | cmparg. The ops used: ADD (1)
+# of a 12-bit signed oparg, and OR (2) with FUTEX_OP_OPARG_SHIFT (8), so the operand is
+# ``1 << oparg``. The conditional second wake is for ``val2`` = 0 waiters: the first wake, on the
+# same word, already woke whoever was to be woken.
+_OP_ADD = 1 << 28
 _OP_OR_SHIFT = (2 | 8) << 28
 
 
@@ -86,8 +88,17 @@ def futex_or_wake(address: int, bit: int) -> None:
     The kernel does the read-modify-write (``FUTEX_WAKE_OP``), so it cannot lose a store that
     another process makes to the same word at the same time, whatever that process is.
     """
-    val3 = _OP_OR_SHIFT | (bit & 0xFFF) << 12
-    _syscall(_SYS_FUTEX, address, _FUTEX_WAKE_OP, _WAKE_ALL, None, address, _signed(val3))
+    _wake_op(address, _OP_OR_SHIFT | (bit & 0xFFF) << 12, _WAKE_ALL)
+
+
+def futex_add(address: int, delta: int, *, wake: bool) -> None:
+    """Atomically add ``delta`` (-2048 to 2047) to the word at ``address``; then, if ``wake``,
+    wake everybody sleeping on it. Atomic as ``futex_or_wake`` is."""
+    _wake_op(address, _OP_ADD | (delta & 0xFFF) << 12, _WAKE_ALL if wake else 0)
+
+
+def _wake_op(address: int, val3: int, wake: int) -> None:
+    _syscall(_SYS_FUTEX, address, _FUTEX_WAKE_OP, wake, None, address, _signed(val3))
 
 
 def _check() -> None:

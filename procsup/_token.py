@@ -155,16 +155,20 @@ class CancellationToken:
         words[word + HINT] = 1
         address = self._arena.address + word * 4
         deadline = None if limit is None else time.monotonic() + limit
+        arena = self._arena
         while True:
             current = words[word]
-            if current != live and (current & ~PULL != live or self._cancelled_after_all()):
+            if current != live and current & ~PULL != live:
                 return True
             remaining = None
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-            futex_wait(address, current, remaining)  # a PULL read as "not yet" sleeps on it
+            if current == live:
+                futex_wait(address, live, remaining)
+            elif arena.wait_pulled(self._slot, live, remaining):  # PULL only: see procsup._arena
+                return True
 
     @property
     def cause(self) -> str | None:
@@ -212,6 +216,7 @@ class CancellationToken:
             if not done.done() or done.cancelled():
                 aborted.set()
                 futex_wake(self._arena.address + self._word * 4)
+                self._arena.wake_pulled()
 
     def _wait_for_loop(
         self, loop: asyncio.AbstractEventLoop, done: asyncio.Future[None], aborted: threading.Event
@@ -219,11 +224,13 @@ class CancellationToken:
         words, word, live = self._words, self._word, self._live
         words[word + HINT] = 1
         address = self._arena.address + word * 4
+        arena = self._arena
         while not aborted.is_set():
             current = words[word]
-            if current != live and self._cancelled_after_all():
+            if current == live:
+                futex_wait(address, live, None)
+            elif current & ~PULL != live or arena.wait_pulled(self._slot, live, None):
                 break
-            futex_wait(address, current, None)
         if not aborted.is_set():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(_set_done, done)

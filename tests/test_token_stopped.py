@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import select
 import signal
 import threading
 from collections.abc import Iterator
@@ -22,7 +23,8 @@ import psutil
 import pytest
 
 from procsup import CancellationToken, Supervisor, TaskCrashedError, _arena
-from procsup._arena import _H_LOCK_WAITERS, _H_REQUESTS, Arena
+from procsup._arena import _H_LOCK_WAITERS, _H_REQUESTS, PULL_BIT, Arena
+from procsup._futex import futex_or_wake
 from tests import tasks, token_tasks
 
 DEADLINE = 30.0
@@ -266,3 +268,143 @@ def psutil_wait_stopped(pid: int) -> None:
             return
         os.sched_yield()
     pytest.fail(f"pid {pid} did not stop")
+
+
+# ---------------------------------------------------------------- races found in review
+
+
+@contextmanager
+def stopped_holder() -> Iterator[int]:
+    """A forked child that takes the arena lock and stops itself; continued and reaped after."""
+    arena = Arena.default()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            arena.lock()
+            os.kill(os.getpid(), signal.SIGSTOP)
+            arena.unlock()
+        finally:
+            os._exit(0)
+    try:
+        os.waitid(os.P_PID, pid, os.WSTOPPED)
+        assert arena.holder() == pid
+        yield pid
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        os.waitpid(pid, 0)
+
+
+def test_a_stale_handle_files_nothing_on_a_stranger() -> None:
+    """Test that cancel() through a handle whose node is gone (as a borrowed token can be) files
+    no request and sets no PULL on the stranger now in its slot, while the lock is busy."""
+    gone = CancellationToken()
+    stale = CancellationToken._from_slot(gone._arena, gone._slot, gone._live, 0)  # borrowed
+    del gone
+    stranger = CancellationToken()
+    child = stranger.child_token()
+    assert stranger._slot == stale._slot
+    with stopped_holder():
+        stale.cancel("stale")
+        assert stale.is_cancelled()
+        for token in (stranger, child):
+            assert token._words[token._word] == token._live  # no PULL: the fast path
+            assert not token.is_cancelled()
+        assert Arena.default().words[_H_REQUESTS] == 0
+
+
+def test_a_waiter_between_its_look_and_its_sleep_is_not_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Test that a waiter on a word that already reads PULL, preempted between finding itself
+    not cancelled and going to sleep, still wakes when a request then covers it."""
+    token = CancellationToken()
+    futex_or_wake(token._arena.address + token._word * 4, PULL_BIT)  # a stray PULL
+    looked, resume = threading.Event(), threading.Event()
+    real = Arena.pulled
+    calls = []
+
+    def pulled(self: Arena, slot: int, live: int) -> tuple[bool, str | None]:
+        answer = real(self, slot, live)
+        if threading.current_thread().name == "waiter":
+            calls.append(answer)
+            if len(calls) == 2:  # the first is wait()'s is_cancelled(); the second its loop's
+                looked.set()
+                resume.wait(DEADLINE)  # "preempted" here, after the answer "not cancelled"
+        return answer
+
+    monkeypatch.setattr(Arena, "pulled", pulled)
+    woke: list[bool] = []
+    waiter = threading.Thread(target=lambda: woke.append(token.wait(2 * DEADLINE)), name="waiter")
+    with stopped_holder() as holder:
+        waiter.start()
+        assert looked.wait(DEADLINE)
+        token.cancel("covered")  # a request: the word, PULL already set, does not change
+        resume.set()
+        waiter.join(DEADLINE)
+        assert woke == [True]
+        assert calls[1] == (False, None)
+        assert stopped(holder)
+    assert token.cause == "covered"
+
+
+def test_a_pull_walk_is_not_led_astray_by_a_node_freed_under_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Test that the request's walk, preempted on a node that a running lock holder then frees
+    (its next link then leads into the free list), still reaches the node's later siblings."""
+    parent = CancellationToken()
+    later = parent.child_token()  # parent's list: [freed, later] once the holder makes freed
+    to_holder_r, to_holder_w = os.pipe()
+    to_main_r, to_main_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(to_holder_w)  # so that the parent closing its copy is EOF here
+            os.close(to_main_r)
+            arena = Arena.default()
+            mine = [parent.child_token()]
+            arena.lock()
+            os.write(to_main_w, str(mine[0]._slot).encode().ljust(16))  # with the lock held
+            real_release = Arena._release
+
+            def release(self: Arena, slot: int) -> None:
+                select.select([to_holder_r], [], [], DEADLINE)
+                os.read(to_holder_r, 1)  # the walk has just pulled the node
+                real_release(self, slot)
+                os.write(to_main_w, b"R")
+                select.select([to_holder_r], [], [], DEADLINE)
+                os.read(to_holder_r, 1)  # hold the lock until cancel() returned (or EOF)
+
+            Arena._release = release  # type: ignore[method-assign]
+            mine.clear()  # queued: the lock is ours; released as unlock() drains it
+            arena.unlock()
+        finally:
+            os._exit(0)
+    try:
+        assert select.select([to_main_r], [], [], DEADLINE)[0]
+        freed = int(os.read(to_main_r, 16))
+        address = Arena.default().address + freed * _arena.SLOT_WORDS * 4
+        real_or = futex_or_wake
+
+        def or_wake(at: int, bit: int) -> None:
+            real_or(at, bit)
+            if at == address and not freeing.is_set():
+                freeing.set()
+                os.write(to_holder_w, b"g")  # let the holder free it now
+                assert select.select([to_main_r], [], [], DEADLINE)[0]
+                assert os.read(to_main_r, 1) == b"R"
+
+        freeing = threading.Event()
+        monkeypatch.setattr(_arena, "futex_or_wake", or_wake)
+        monkeypatch.setattr(_arena, "PATIENCE", 0.0)  # file a request at once
+        parent.cancel("walked")
+        assert freeing.is_set()
+        assert later.is_cancelled()  # while the holder still holds the lock
+        assert Arena.default().holder() == pid
+        os.write(to_holder_w, b"g")
+    finally:
+        os.close(to_holder_w)  # EOF: a holder still waiting for us goes on
+        os.waitpid(pid, 0)
+        for fd in (to_holder_r, to_main_r, to_main_w):
+            os.close(fd)
+    assert later.cause == "walked"
