@@ -384,29 +384,22 @@ class Arena:
 
     def cancel_now_or_request(self, slot: int, live: int, reason: str | None) -> None:
         """Cancel the node, waiting for the lock at most ``PATIENCE``, else file a request."""
-        if self.lock(patience=PATIENCE):
-            try:
-                # A node that is gone reads as cancelled already (see the module header).
-                if not (self.words[slot * SLOT_WORDS + _WORD] ^ live) & GEN:
-                    self.cancel(slot, reason)
-            finally:
-                self.unlock()
-            return
-        if (self.words[slot * SLOT_WORDS + _WORD] ^ live) & GEN:
-            return  # gone (a stale handle): its slot, and PULL, are a stranger's now
-        if not self._file_request(slot, live, reason):
-            # Every entry is taken by a request not yet carried out: wait like before requests.
-            self.lock()
-            try:
-                if not (self.words[slot * SLOT_WORDS + _WORD] ^ live) & GEN:
-                    self.cancel(slot, reason)
-            finally:
-                self.unlock()
-            return
-        self._pull_subtree(slot)
-        if self.words[_H_PULL_WAITERS]:  # after the atomic ORs: a full barrier
-            futex_add(self.address + _H_EPOCH * 4, 1, wake=True)
-        if self.lock(patience=0):  # the holder may be gone by now: carry it out at once
+        if not self.lock(patience=PATIENCE):
+            if (self.words[slot * SLOT_WORDS + _WORD] ^ live) & GEN:
+                return  # gone (a stale handle): its slot, and PULL, are a stranger's now
+            if self._file_request(slot, live, reason):
+                self._pull_subtree(slot)
+                if self.words[_H_PULL_WAITERS]:  # after the atomic ORs: a full barrier
+                    futex_add(self.address + _H_EPOCH * 4, 1, wake=True)
+                if self.lock(patience=0):  # the holder may be gone by now: carry it out at once
+                    self.unlock()
+                return
+            self.lock()  # every entry holds a request not carried out yet: wait for the lock
+        try:
+            # A node that is gone reads as cancelled already (see the module header).
+            if not (self.words[slot * SLOT_WORDS + _WORD] ^ live) & GEN:
+                self.cancel(slot, reason)
+        finally:
             self.unlock()
 
     def _file_request(self, slot: int, live: int, reason: str | None) -> bool:
