@@ -335,8 +335,6 @@ class Arena:
         """Drain queued work, unlock, then wake the waiters of every slot changed meanwhile."""
         words = self.words
         try:
-            if words[_H_REQUESTS]:
-                self._carry_out_requests()
             while self._pending:
                 slot, live, prune = self._pending.popleft()
                 # A node pruned or freed meanwhile is in another gen: not ours.
@@ -346,7 +344,7 @@ class Arena:
                     self.prune(slot)
                 else:
                     self._release(slot)
-            if words[_H_REQUESTS]:  # filed while we drained
+            if words[_H_REQUESTS]:  # filed since lock() carried out the earlier ones
                 self._carry_out_requests()
         finally:
             woken, self._woken = self._woken, []
@@ -365,8 +363,16 @@ class Arena:
                 futex_wake(self.address + slot * SLOT_WORDS * 4)
         if woken and words[_H_PULL_WAITERS]:
             futex_add(self.address + _H_EPOCH * 4, 1, wake=True)
-        if words[_H_REQUESTS] and self.lock(patience=0):
-            self.unlock()
+        if words[_H_REQUESTS]:
+            self.settle()
+
+    def settle(self) -> bool:
+        """Take the lock if it is free this instant, and give it back: that carries out the
+        requests and queued work pending. Returns whether the lock was free."""
+        if not self.lock(patience=0):
+            return False
+        self.unlock()
+        return True
 
     def holder(self) -> int | None:
         """The pid of the process holding the arena lock, or None (diagnostics and tests)."""
@@ -379,8 +385,7 @@ class Arena:
         free: never waits for another process, and never for this one's own critical section
         (a GC pass can run ``__del__`` inside it)."""
         self._pending.append((slot, live, prune))
-        if self.lock(patience=0):
-            self.unlock()
+        self.settle()
 
     def cancel_now_or_request(self, slot: int, live: int, reason: str | None) -> None:
         """Cancel the node, waiting for the lock at most ``PATIENCE``, else file a request."""
@@ -391,8 +396,7 @@ class Arena:
                 self._pull_subtree(slot)
                 if self.words[_H_PULL_WAITERS]:  # after the atomic ORs: a full barrier
                     futex_add(self.address + _H_EPOCH * 4, 1, wake=True)
-                if self.lock(patience=0):  # the holder may be gone by now: carry it out at once
-                    self.unlock()
+                self.settle()  # the holder may be gone by now: carry it out at once
                 return
             self.lock()  # every entry holds a request not carried out yet: wait for the lock
         try:

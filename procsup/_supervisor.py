@@ -28,7 +28,6 @@ import atexit
 import concurrent.futures
 import enum
 import functools
-import importlib
 import logging
 import multiprocessing
 import multiprocessing.process
@@ -50,6 +49,7 @@ from procsup._status import EventStream, StatusHub, TaskEvent, TaskSnapshot
 from procsup._timeouts import check_timeout
 from procsup._timers import Timers
 from procsup._token import CancellationToken
+from procsup._zygote import import_modules
 from procsup._zygote import preload as zygote_preload
 
 if TYPE_CHECKING:
@@ -354,15 +354,11 @@ class Supervisor:
         """
         mine = self._preload[len(_OWN_PRELOAD) :]
         if self._method == "fork":  # forked tasks find these imported; the zygote imports its own
-            failed = []
-            for name in [*self._preload, task_module or "__main__"]:
-                try:
-                    importlib.import_module(name)
-                except (Exception, SystemExit) as exc:
-                    if name in mine:
-                        failed.append((name, f"{type(exc).__name__}: {exc}"))
-                    else:  # the task's own module: the task imports it itself, and fails there
-                        logger.warning("procsup could not preload module %r", name, exc_info=True)
+            failed = import_modules([*self._preload, task_module or "__main__"])
+            for name, error in failed:
+                if name not in mine:  # the task's own module: the task imports it, and fails there
+                    logger.warning("procsup could not preload module %r: %s", name, error)
+            failed = [(name, error) for name, error in failed if name in mine]
         else:
             failed = zygote_preload(mine) if mine else []
         if failed:

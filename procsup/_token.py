@@ -333,11 +333,7 @@ def lock_is_free(token: CancellationToken) -> bool:
     For the supervision thread before it starts a restart: a start must allocate under that lock,
     and a process stopped while holding it would stall the thread until it runs again.
     """
-    arena = token._arena
-    if not arena.lock(patience=0):
-        return False
-    arena.unlock()
-    return True
+    return token._arena.settle()
 
 
 def prune(token: CancellationToken) -> None:

@@ -50,6 +50,7 @@ Things that don't work
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import multiprocessing.connection
 import multiprocessing.context
@@ -85,6 +86,7 @@ __all__ = [
     "ZygoteProcess",
     "daemon_fds",
     "guard",
+    "import_modules",
     "inherited",
     "preload",
     "run_target",
@@ -501,6 +503,23 @@ class _Zygote:
 
     def fds(self) -> list[int]:
         return [self._sock.fileno()] if self._pid == os.getpid() else []
+
+
+def import_modules(names: Sequence[str]) -> list[tuple[str, str]]:
+    """Import what is not imported yet; return each module that failed, with its error
+    (``"ImportError: ..."``).
+
+    A module that raises (SystemExit included) stays unimported and is tried again next time: a
+    supervisor reports it at its first start, a task that needs it fails where it imports it.
+    """
+    failed = []
+    for name in names:
+        if name not in sys.modules:
+            try:
+                importlib.import_module(name)
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - returned, for the caller
+                failed.append((name, f"{type(exc).__name__}: {exc}"))
+    return failed
 
 
 def preload(names: Sequence[str]) -> list[tuple[str, str]]:

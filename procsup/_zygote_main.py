@@ -50,7 +50,6 @@ Things that don't work
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import pickle
 import selectors
@@ -65,7 +64,7 @@ from procsup import _platform
 from procsup._guardian import Guardian, drain
 from procsup._spawned import exec_fresh
 from procsup._token import borrowed
-from procsup._zygote import MAX_FDS, inherited, run_target
+from procsup._zygote import MAX_FDS, import_modules, inherited, run_target
 
 __all__ = ["serve"]
 
@@ -164,7 +163,7 @@ class _Server:
             return -1
         if message[0] == "preload":
             # Supervisor's first start: its preload list, imported here now, failures named.
-            self.sock.send(pickle.dumps(("preloaded", _import(message[1]))))
+            self.sock.send(pickle.dumps(("preloaded", import_modules(message[1]))))
             return -1
         if message[0] == "guard":
             _, pid, grace, args = message  # fds: the fork task's shim's pidfd, the token's
@@ -188,7 +187,7 @@ class _Server:
             # path (and the spare, once woken, may take our CPU until its task is done).
             self.sock.send(pickle.dumps(("pid", spare.pid)))
             self.forward(spare, data, task_fds)
-        _import(preload)  # in the zygote too: later spares and forked tasks have it ready
+        import_modules(preload)  # in the zygote too: later spares and forked tasks have it ready
         rest = task_fds if payload is not None else task_fds[1:]  # what DupFd indices count
         token, grace, redundant = None, 5.0, -1
         if ward is not None:
@@ -329,7 +328,7 @@ def _arrive_and_run(data: bytes, fds: list[int]) -> None:
     if payload is None:
         payload, fds = _read_memfd(fds[0]), fds[1:]
     _redirect_stderr(fds, stderr)
-    _import(preload)
+    import_modules(preload)
     if ward is not None:
         key, ref = ward[1][:2]
         if key in Arena._registry:  # mapped before our fork: unpickling will not adopt this fd
@@ -364,22 +363,6 @@ def _rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
     if not fds:
         return []
     return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
-
-
-def _import(preload: list[str]) -> list[tuple[str, str]]:
-    """Import what is not imported yet; return each module that failed, with its error.
-
-    A module that raises (SystemExit included) stays unimported and is tried again next time:
-    the supervisor reports it at its first start, a task that needs it fails where it imports it.
-    """
-    failed = []
-    for name in preload:
-        if name not in sys.modules:
-            try:
-                importlib.import_module(name)
-            except (Exception, SystemExit) as exc:  # noqa: BLE001 - the supervisor raises it
-                failed.append((name, f"{type(exc).__name__}: {exc}"))
-    return failed
 
 
 def _unpickle_and_run(payload: bytes) -> None:

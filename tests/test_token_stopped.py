@@ -37,9 +37,19 @@ def lock_holder() -> int | None:
 
 
 def stop(pid: int) -> None:
-    """SIGSTOP ``pid`` and return once it is stopped (it is our child: waitid says so)."""
+    """SIGSTOP ``pid`` and return once it is stopped."""
     os.kill(pid, signal.SIGSTOP)
-    os.waitid(os.P_PID, pid, os.WSTOPPED)
+    try:
+        os.waitid(os.P_PID, pid, os.WSTOPPED)  # our child: the kernel says when
+        return
+    except ChildProcessError:  # a task, the zygote's or a shim's child: no blocking wait exists
+        pass
+    proc = psutil.Process(pid)
+    for _ in range(100_000):
+        if proc.status() == psutil.STATUS_STOPPED:
+            return
+        os.sched_yield()
+    pytest.fail(f"pid {pid} did not stop")
 
 
 def stopped(pid: int) -> bool:
@@ -188,7 +198,7 @@ def test_a_crash_is_reported_while_a_stopped_task_holds_the_lock(runtime: Superv
         assert ready.wait(DEADLINE)
         pid = churner.pid
         assert pid is not None
-        stop_task_inside_the_lock(pid)
+        stop_inside_the_lock(pid, random.Random(pid))
         assert victim.pid is not None
         os.kill(victim.pid, signal.SIGKILL)
         with pytest.raises(TaskCrashedError, match="SIGKILL"):
@@ -226,7 +236,7 @@ def test_a_restart_is_put_off_while_a_stopped_task_holds_the_lock(
     try:
         assert ready.wait(DEADLINE)
         pid = churner.pid
-        stop_task_inside_the_lock(pid)
+        stop_inside_the_lock(pid, random.Random(pid))
         go.cancel()
         while (event := events.get(DEADLINE)).kind != "failed":
             pass
@@ -244,30 +254,6 @@ def test_a_restart_is_put_off_while_a_stopped_task_holds_the_lock(
     assert flaky.restarts == 1
     with pytest.raises(TaskCrashedError, match="stopped"):
         churner.stop(timeout=0)
-
-
-def stop_task_inside_the_lock(pid: int) -> None:
-    """Stop a task (not our child) at random instants until one lands inside the arena lock."""
-    rng = random.Random(pid)
-    for _ in range(MAX_TRIALS):
-        for _ in range(rng.randrange(2_000)):
-            pass
-        os.kill(pid, signal.SIGSTOP)
-        psutil_wait_stopped(pid)
-        if lock_holder() == pid:
-            return
-        os.kill(pid, signal.SIGCONT)
-    pytest.fail("no stop landed inside the lock")
-
-
-def psutil_wait_stopped(pid: int) -> None:
-    """Wait for a process that is not our child to show as stopped (no blocking wait exists)."""
-    proc = psutil.Process(pid)
-    for _ in range(100_000):
-        if proc.status() == psutil.STATUS_STOPPED:
-            return
-        os.sched_yield()
-    pytest.fail(f"pid {pid} did not stop")
 
 
 # ---------------------------------------------------------------- races found in review
