@@ -30,6 +30,7 @@ from procsup import (
     TaskCrashedError,
     TaskEvent,
 )
+from procsup._arena import Arena
 from tests import daemon_tasks, tasks
 from tests.tasks import DEADLINE
 
@@ -237,17 +238,17 @@ class LoopWatch:
             measured.append((time.thread_time() - start, handle))
 
 
-_THREAD_START = threading.Thread.start.__code__
-_ARENA = str(Path(procsup._futex.__file__).with_name("_arena.py"))
+# Thread.start() waits until the new thread runs (a brief handshake with the OS scheduler that
+# asyncio's own executor makes whenever it grows); the token arena's lock is a mutex shared with
+# other processes, however it waits for it. Waits for a token (wait_pulled) are not exempt.
+_EXEMPT = {threading.Thread.start.__code__, Arena.lock.__code__, Arena._lock_within.__code__}
 
 
 def _exempt() -> bool:
-    """True inside Thread.start(), which waits until the new thread runs (a brief handshake with
-    the OS scheduler that asyncio's own executor makes whenever it grows), or inside the token
-    arena's lock (a mutex shared with other processes, however it waits for it)."""
+    """True inside Thread.start() or the token arena's lock."""
     frame: FrameType | None = sys._getframe()
     while frame is not None:
-        if frame.f_code is _THREAD_START or frame.f_code.co_filename == _ARENA:
+        if frame.f_code in _EXEMPT:
             return True
         frame = frame.f_back
     return False
