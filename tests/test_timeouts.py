@@ -81,7 +81,8 @@ def test_check_timeout(timeout: Any, means: Any) -> None:
 
 def test_every_public_timeout_uses_the_one_validator() -> None:
     """Test that the modules taking public timeouts share procsup._timeouts.check_timeout."""
-    for module in (procsup._handle, procsup._options, procsup._status, procsup._supervisor):
+    modules = [procsup._handle, procsup._options, procsup._status, procsup._supervisor]
+    for module in [*modules, procsup._token]:
         assert module.check_timeout is check_timeout, module.__name__
 
 
@@ -190,22 +191,31 @@ def test_shutdown_none_waits_beyond_the_grace_period(pipe: Pipe) -> None:
     supervisor's grace period: no signal is sent."""
     report, reported = pipe()
     told, tell = pipe()
+    control_reader, control_writer = pipe()
     grace = 0.1
     sup = Supervisor(grace_period=grace)
+    control = Supervisor(grace_period=grace)
     try:
         h = sup.spawn(contract_tasks.clean_up_when_told, "slow", args=(reported, told))
         assert _ready(report) == "ready"
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             shutting = pool.submit(sup.shutdown, None)
             assert _ready(report) == "cancelled"
-            # Ten grace periods and the SIGTERM-to-SIGKILL second: still waiting.
-            with pytest.raises(concurrent.futures.TimeoutError):
-                shutting.result(10 * grace + 1.0)
+            # A control with the same grace period, shut down by default after this one began,
+            # escalates its stubborn task: a shutdown(None) that escalated after the grace period
+            # would be done by then too (an order, not a time).
+            stubborn = control.spawn(tasks.ignore_cancel, "control", args=(control_writer,))
+            _ready(control_reader)
+            control.shutdown()
+            with pytest.raises(TaskCrashedError, match="stopped on request"):
+                stubborn.join(0)
+            assert not shutting.done()
             tell.send("go")
             shutting.result(DEADLINE)
         assert h.join(0) == "cleaned up"
     finally:
         sup.shutdown(0)
+        control.shutdown(0)
 
 
 @matrix
