@@ -61,8 +61,9 @@ Invariants of a slot (``SLOT_WORDS`` 32-bit words; slots 0 to 2 hold the header)
   ``state`` 1 (committed) means every other word of the entry is final until the lock holder that
   carries it out sets ``state`` back to 0, after its ``cancel()`` has run.
 - The header's ``requests`` word is 1 whenever a committed request may not have been carried out
-  yet (set before and after committing, cleared by the lock holder only once it has seen no
-  committed entry after a fence).
+  yet, or the journal holds ``RECHECK``: it is set before and after committing, and a lock holder
+  clears it with ``RECHECK`` journaled, looks for committed entries after a fence (setting it
+  again if it finds one), and only then clears the journal.
 
 Every other multi-word update is ordered so that a process killed between any two stores leaves,
 at worst, a slot or a cause record leaked (``refs`` too high), never a structure another process
@@ -145,7 +146,7 @@ _H_UNLOCKS, _H_LOCK_WAITERS = range(14, 16)
 # somebody waits on a word that reads PULL only (counted in _H_PULL_WAITERS): such a waiter sleeps
 # here, since a word that already has PULL does not change when a new request covers it.
 _H_EPOCH, _H_PULL_WAITERS = range(16, 18)
-_OP_LINK, _OP_UNLINK = 1, 2
+_OP_LINK, _OP_UNLINK, _OP_RECHECK = 1, 2, 3  # RECHECK: the requests word may be 0 wrongly
 _MAGIC = 0x50524F43  # "PROC"
 
 # Cause records follow the slots: [refs, nbytes, utf-8 text...].
@@ -520,14 +521,22 @@ class Arena:
                 if _FIRST_SLOT <= slot < _SLOTS and not (w[slot * SLOT_WORDS + _WORD] ^ live) & GEN:
                     self.cancel(slot, self._read_text(base + _R_CAUSE))
                 w[base + _R_STATE] = 0  # after cancel(): a reader that saw it never sees a gap
+            # Clear the word, then look again for requests filed meanwhile. A holder killed
+            # between the two would strand them: the journal says so to the next one.
+            w[_H_OP] = _OP_RECHECK
             w[_H_REQUESTS] = 0
-            # A full barrier between that store and the loads below: the kernel's futex_wake
-            # issues one (smp_mb in futex_hb_waiters_pending) before it finds nobody to wake.
-            futex_wake(self.address + _H_FENCE * 4)
+            self._fence()
             if any(
                 w[_REQUEST_BASE + entry * _REQUEST_WORDS + _R_STATE] for entry in range(_REQUESTS)
             ):
                 w[_H_REQUESTS] = 1  # filed while we worked: go round again
+            w[_H_OP] = 0
+
+    def _fence(self) -> None:
+        """A full barrier between this thread's earlier stores and later loads: the kernel's
+        futex_wake issues one (smp_mb in futex_hb_waiters_pending) before it finds nobody to
+        wake."""
+        futex_wake(self.address + _H_FENCE * 4)
 
     def pulled(self, slot: int, live: int) -> tuple[bool, str | None]:
         """Without the lock: is the node cancelled after all, and why, when its word says only
@@ -698,6 +707,8 @@ class Arena:
                 w[parent * SLOT_WORDS + _FIRST] = d
             if d:
                 w[d * SLOT_WORDS + _PREV] = c
+        elif op == _OP_RECHECK:  # a holder died clearing the requests word: lock() looks again
+            w[_H_REQUESTS] = 1
         w[_H_OP] = 0
 
     def cancel(self, slot: int, reason: str | None) -> None:

@@ -22,6 +22,7 @@ from procsup._arena import (
     _H_DIRTY,
     _H_HIGH,
     _H_OP,
+    _H_REQUESTS,
     _NEXT,
     _PREV,
     _REFS,
@@ -163,3 +164,36 @@ def test_running_out_of_cause_records(small_arena: Arena, monkeypatch: pytest.Mo
     again = CancellationToken()
     again.cancel("reused")
     assert again.cause == "reused"
+
+
+def test_a_holder_killed_clearing_the_requests_word_strands_no_request() -> None:
+    """Test that a request filed while a holder carried out others is carried out by the next
+    holder, when the first is killed just after clearing the requests word."""
+    first, second = CancellationToken(), CancellationToken()
+    arena = Arena.default()
+    assert arena._file_request(first._slot, first._live, "first")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            cancel = Arena.cancel
+
+            def cancel_and_file(self: Arena, slot: int, reason: str | None) -> None:
+                cancel(self, slot, reason)
+                # Filed as another process would, while this holder carries the first out.
+                self._file_request(second._slot, second._live, "second")
+
+            def die(self: Arena) -> None:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            Arena.cancel = cancel_and_file  # type: ignore[method-assign]
+            Arena._fence = die  # type: ignore[method-assign]
+            arena.settle()
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status), "the child was not killed while clearing the word"
+    assert first.cause == "first"
+    assert arena.words[_H_REQUESTS] == 0  # the second request is committed, the word says none
+    CancellationToken()  # the next holder
+    assert second._words[second._word] & 1, "the second request was stranded"
+    assert second.cause == "second"
