@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## Create .venv and install procsup with its dev, bench and demo extras.
 
-lint: $(STAMP)  ## ruff lint and format check, mypy --strict.
+lint: $(STAMP)  ## ruff lint and format check, mypy --strict, the import layering contracts.
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: lint  ## Set up, lint, type-check, then run the whole suite.
 	$(BIN)/python -m pytest

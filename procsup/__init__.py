@@ -6,7 +6,7 @@ so the whole system shuts down cleanly and the caller learns exactly what happen
 
 from __future__ import annotations
 
-from procsup._errors import (
+from procsup._outcome.errors import (
     CriticalTaskError,
     NotDetachedError,
     RemoteTraceback,
@@ -14,10 +14,10 @@ from procsup._errors import (
     TaskFailedError,
     TaskPanickedError,
 )
-from procsup._handle import CriticalTaskExecutionHandle
-from procsup._status import EventStream, TaskEvent, TaskSnapshot
-from procsup._supervisor import Supervisor, default_supervisor
-from procsup._token import CancellationToken, DropGuard
+from procsup._supervision.handle import CriticalTaskExecutionHandle
+from procsup._supervision.status import EventStream, TaskEvent, TaskSnapshot
+from procsup._supervision.supervisor import Supervisor, default_supervisor
+from procsup._token.token import CancellationToken, DropGuard
 
 __all__ = [
     "CancellationToken",

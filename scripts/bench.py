@@ -32,7 +32,7 @@ import bench_tasks
 import psutil
 
 from procsup import CancellationToken, Supervisor
-from procsup._arena import Arena  # the lock holder query is a diagnostic, not public API
+from procsup._token.arena import Arena  # the lock holder query is a diagnostic, not public API
 
 CTX: Any = mp.get_context("fork")  # the measuring child: what matters is the primitive inside it
 
@@ -533,7 +533,7 @@ def bench_rss_flat(count: int, warm_up: int, method: str | None = None) -> list[
 
 
 def hygiene_section(quick: bool) -> list[Row]:
-    # fork too: its tasks leave the supervision thread a shim to reap (procsup._shim).
+    # fork too: its tasks leave the supervision thread a shim to reap (procsup._process.shim).
     default = bench_rss_flat(1_000 if quick else 10_000, 100 if quick else 500)
     return default + bench_rss_flat(300 if quick else 2_000, 50 if quick else 200, "fork")
 

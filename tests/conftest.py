@@ -17,8 +17,9 @@ from multiprocessing.connection import Connection
 import psutil
 import pytest
 
-import procsup._zygote
-from procsup import Supervisor, _supervisor
+import procsup._process.zygote
+from procsup import Supervisor
+from procsup._supervision import supervisor as _supervisor
 
 START_METHODS = ("forkserver", "spawn", "fork")
 
@@ -83,7 +84,7 @@ def helper_pids() -> set[int]:
     pids = {
         getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None),
         getattr(multiprocessing.resource_tracker._resource_tracker, "_pid", None),
-        *procsup._zygote.zygote_pids(),
+        *procsup._process.zygote.zygote_pids(),
     }
     return {pid for pid in pids if pid is not None}
 
@@ -99,7 +100,7 @@ def _daemon_fds() -> set[str]:
     fds = {
         getattr(multiprocessing.forkserver._forkserver, "_forkserver_alive_fd", None),
         getattr(multiprocessing.resource_tracker._resource_tracker, "_fd", None),
-        *procsup._zygote.daemon_fds(),
+        *procsup._process.zygote.daemon_fds(),
     }
     return {str(fd) for fd in fds if fd is not None}
 

@@ -56,7 +56,7 @@ def wait_then_report(conn: Connection, token: CancellationToken) -> None:
 def report_fds(conn: Connection, token: CancellationToken) -> None:
     """Send what our fds above 2 point to (sorted, inode numbers cut) and how many token arenas
     we map."""
-    from procsup._arena import Arena
+    from procsup._token.arena import Arena
 
     targets = []
     for name in os.listdir("/proc/self/fd"):
@@ -72,7 +72,7 @@ def report_fds(conn: Connection, token: CancellationToken) -> None:
 def report_origin(conn: Connection, variable: str) -> None:
     """Send our parent's pid, ``variable`` from our environment, our working directory, and
     whether the zygote's code is loaded here (it is in a forked child, not in a fresh one)."""
-    forked = "procsup._zygote_main" in sys.modules
+    forked = "procsup._process.server" in sys.modules
     conn.send((os.getppid(), os.environ.get(variable), os.getcwd(), forked))
 
 

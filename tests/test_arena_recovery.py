@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from procsup import CancellationToken, _arena
-from procsup._arena import (
+from procsup import CancellationToken
+from procsup._token import arena as _arena
+from procsup._token.arena import (
     _FIRST,
     _FIRST_SLOT,
     _H_DIRTY,

@@ -22,12 +22,12 @@ from procsup import (
     CriticalTaskExecutionHandle,
     Supervisor,
     TaskCrashedError,
-    _contain,
-    _launch,
-    _monitor,
-    _platform,
-    _supervisor,
 )
+from procsup._os import proc as _platform
+from procsup._os import tree as _contain
+from procsup._supervision import launch as _launch
+from procsup._supervision import monitor as _monitor
+from procsup._supervision import supervisor as _supervisor
 from tests import contain_tasks, tasks
 from tests.conftest import process_gone
 from tests.tasks import DEADLINE

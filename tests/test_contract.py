@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-import procsup._restart
+import procsup._supervision.lifecycle
 from procsup import (
     CancellationToken,
     CriticalTaskExecutionHandle,
@@ -115,7 +115,8 @@ def test_kwargs_reach_the_task(runtime: Supervisor) -> None:
 
 
 class _Clock:
-    """Stands for the time module in procsup._restart: its monotonic clock is set by the test."""
+    """Stands for the time module in procsup._supervision.lifecycle: its monotonic clock is set by
+    the test."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -132,7 +133,7 @@ def test_restart_window_slides(
     at 0, 0.6 and 1.2 s are restarted (the one at 0 has left the window), the one at 1.3 is the
     third restart within 1 s and escalates (a window fixed at 0..1 s would have restarted it)."""
     clock = _Clock()
-    monkeypatch.setattr(procsup._restart, "time", clock)
+    monkeypatch.setattr(procsup._supervision.lifecycle, "time", clock)
     told, tell = pipe()
     parent = CancellationToken()
     with runtime.events() as events:

@@ -11,9 +11,10 @@ import sys
 
 import pytest
 
-from procsup import CancellationToken, Supervisor, TaskCrashedError, _crash
-from procsup._arena import _FIRST_SLOT, _H_FREE, _H_HIGH, _NEXT, SLOT_WORDS, Arena
-from procsup._contain import ExitInfo
+from procsup import CancellationToken, Supervisor, TaskCrashedError
+from procsup._os.tree import ExitInfo
+from procsup._outcome import crash as _crash
+from procsup._token.arena import _FIRST_SLOT, _H_FREE, _H_HIGH, _NEXT, SLOT_WORDS, Arena
 from tests import contain_tasks
 from tests.tasks import DEADLINE
 

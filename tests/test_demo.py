@@ -7,7 +7,7 @@ plain fallback without rich.
 
 The orders checked here are the demo's own handshakes, not its schedules: the act that ends a story
 (the parser's segfault, the plugin's last crash) waits for a cue that the demo gives once every
-other task has played its part and been shown (``procsup._demo_tasks``). So the cache's restart
+other task has played its part and been shown (``procsup.demo.tasks``). So the cache's restart
 and the coordinator's sub-task come before the segfault, and the fetcher's recovery before the
 plugin's escalation, however late a busy machine runs the schedules. One schedule is left, in the
 Ctrl-C runs: the interrupt must land before the story's first failure (the cache builder's memory
@@ -33,14 +33,16 @@ from typing import Any
 import psutil
 import pytest
 
-from procsup import _demo_view
-from procsup._demo_stress import percentiles
+from procsup.demo import view as _demo_view
+from procsup.demo.stress import percentiles
 
 DEADLINE = 60.0  # seconds; a passing run takes a few
 ROOT = Path(__file__).resolve().parent.parent
 SIBLINGS = ("cpu worker", "io worker", "coordinator", "async heartbeat")
 LEAKER, FLAKY, PLUGIN = "cache builder", "flaky fetcher", "plugin host"
-NO_RICH = "import sys; sys.modules['rich'] = None; from procsup._demo import main; sys.exit(main())"
+NO_RICH = (
+    "import sys; sys.modules['rich'] = None; from procsup.demo.main import main; sys.exit(main())"
+)
 
 Event = dict[str, Any]
 
@@ -407,7 +409,7 @@ def test_view_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(_demo_view.make_view(True, Terminal()), _demo_view.JsonView)
     assert type(_demo_view.make_view(False, io.StringIO())) is _demo_view.PlainView
     monkeypatch.setitem(sys.modules, "rich", None)
-    monkeypatch.delitem(sys.modules, "procsup._demo_rich", raising=False)
+    monkeypatch.delitem(sys.modules, "procsup.demo.rich_view", raising=False)
     assert type(_demo_view.make_view(False, Terminal())) is _demo_view.PlainView
 
 

@@ -16,9 +16,9 @@ from procsup import (
     TaskCrashedError,
     TaskFailedError,
     TaskPanickedError,
-    _platform,
-    _remote,
 )
+from procsup._os import proc as _platform
+from procsup._outcome import remote as _remote
 
 ERRORS = [
     CriticalTaskError("Critical task monitor was cancelled", description="d", pid=1),

@@ -37,7 +37,7 @@ def test_leak_check_sees_a_task_left_running(start_method: str, pipe: Pipe) -> N
             assert f"'{h.pid} (" in left[0]
             if start_method == "forkserver":
                 # What the old check skipped by command line: a task forked by the zygote.
-                assert "procsup._zygote" in " ".join(psutil.Process(h.pid).cmdline())
+                assert "procsup._process.server" in " ".join(psutil.Process(h.pid).cmdline())
         finally:
             assert h.stop(DEADLINE) == "cancelled"
         assert wait_for_no_leaks(before, DEADLINE) == []

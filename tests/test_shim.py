@@ -1,5 +1,6 @@
-"""The fork start method's shim (``procsup._shim``): the task's parent and a subreaper, blind to
-signals, holding no fd of the supervisor's, reaped by the supervision thread, killed at shutdown."""
+"""The fork start method's shim (``procsup._process.shim``): the task's parent and a subreaper,
+blind to signals, holding no fd of the supervisor's, reaped by the supervision thread, killed at
+shutdown."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from typing import Any
 import psutil
 import pytest
 
-from procsup import CancellationToken, CriticalTaskExecutionHandle, Supervisor, _zygote
-from procsup._zygote import ForkProcess
+from procsup import CancellationToken, CriticalTaskExecutionHandle, Supervisor
+from procsup._process import zygote as _zygote
+from procsup._process.zygote import ForkProcess
 from tests import contain_tasks, process_tasks, tasks
 from tests.conftest import process_gone
 from tests.tasks import DEADLINE

@@ -17,7 +17,8 @@ from typing import Any
 import psutil
 import pytest
 
-from procsup import CancellationToken, CriticalTaskError, Supervisor, _zygote
+from procsup import CancellationToken, CriticalTaskError, Supervisor
+from procsup._process import zygote as _zygote
 from tests import contain_tasks, tasks
 from tests.tasks import DEADLINE
 from tests.test_crash_record import live_slots

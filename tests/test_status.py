@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-import procsup._futex
+import procsup._token.futex
 from procsup import (
     CancellationToken,
     CriticalTaskExecutionHandle,
@@ -30,7 +30,7 @@ from procsup import (
     TaskCrashedError,
     TaskEvent,
 )
-from procsup._arena import Arena
+from procsup._token.arena import Arena
 from tests import daemon_tasks, tasks
 from tests.tasks import DEADLINE
 
@@ -183,7 +183,7 @@ class LoopWatch:
             "join",
             lambda thread, timeout=None: _waits(timeout) and thread.is_alive(),
         )
-        futex_wait = procsup._futex.futex_wait
+        futex_wait = procsup._token.futex.futex_wait
         for module in [m for n, m in sys.modules.items() if n.startswith("procsup")]:
             if getattr(module, "futex_wait", None) is futex_wait:
                 self._wrap(module, "futex_wait", lambda address, value, timeout: _waits(timeout))

@@ -21,7 +21,7 @@ from procsup import (
     TaskCrashedError,
     TaskFailedError,
 )
-from procsup._monitor import Monitor, TaskRecord
+from procsup._supervision.monitor import Monitor, TaskRecord
 from tests import tasks
 from tests.conftest import process_gone
 from tests.tasks import DEADLINE

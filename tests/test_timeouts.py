@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-import procsup._handle
-import procsup._options
-import procsup._status
-import procsup._supervisor
+import procsup._supervision.handle
+import procsup._supervision.options
+import procsup._supervision.status
+import procsup._supervision.supervisor
 from procsup import CancellationToken, CriticalTaskExecutionHandle, Supervisor, TaskCrashedError
-from procsup._timeouts import check_timeout
+from procsup._os.timeouts import check_timeout
 from tests import contract_tasks, tasks
 from tests.tasks import DEADLINE
 
@@ -80,9 +80,14 @@ def test_check_timeout(timeout: Any, means: Any) -> None:
 
 
 def test_every_public_timeout_uses_the_one_validator() -> None:
-    """Test that the modules taking public timeouts share procsup._timeouts.check_timeout."""
-    modules = [procsup._handle, procsup._options, procsup._status, procsup._supervisor]
-    for module in [*modules, procsup._token]:
+    """Test that the modules taking public timeouts share procsup._os.timeouts.check_timeout."""
+    modules = [
+        procsup._supervision.handle,
+        procsup._supervision.options,
+        procsup._supervision.status,
+        procsup._supervision.supervisor,
+    ]
+    for module in [*modules, procsup._token.token]:
         assert module.check_timeout is check_timeout, module.__name__
 
 

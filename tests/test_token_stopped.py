@@ -22,9 +22,10 @@ from typing import Any
 import psutil
 import pytest
 
-from procsup import CancellationToken, Supervisor, TaskCrashedError, _arena
-from procsup._arena import _H_LOCK_WAITERS, _H_REQUESTS, PULL_BIT, Arena
-from procsup._futex import futex_or_wake
+from procsup import CancellationToken, Supervisor, TaskCrashedError
+from procsup._token import arena as _arena
+from procsup._token.arena import _H_LOCK_WAITERS, _H_REQUESTS, PULL_BIT, Arena
+from procsup._token.futex import futex_or_wake
 from tests import tasks, token_tasks
 
 DEADLINE = 30.0

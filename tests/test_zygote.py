@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from procsup import CancellationToken
-from procsup._zygote import ForkProcess, ZygoteProcess, _Zygote
+from procsup._process.zygote import ForkProcess, ZygoteProcess, _Zygote
 from tests import process_tasks
 from tests.conftest import process_gone
 
@@ -172,7 +172,7 @@ def test_a_spawn_task_runs_with_the_interpreter_flags_of_its_supervisor() -> Non
     script = textwrap.dedent(
         """
         import multiprocessing as mp
-        from procsup._zygote import ZygoteProcess
+        from procsup._process.zygote import ZygoteProcess
         from tests import process_tasks
         reader, writer = mp.Pipe(duplex=False)
         proc = ZygoteProcess(process_tasks.report_flags, (writer,), fresh=True)
@@ -339,7 +339,7 @@ def test_importing_procsup_leaves_asyncio_out_of_the_zygote() -> None:
     """Test that neither ``import procsup`` nor the zygote's own module imports asyncio: every task
     forked from the zygote would inherit its pages (ssl with it, ~5 MB)."""
     code = (
-        "import sys, procsup, procsup._zygote_main\n"
+        "import sys, procsup, procsup._process.server\n"
         "heavy = sorted(name for name in ('asyncio', 'ssl') if name in sys.modules)\n"
         "assert not heavy, f'import procsup imported {heavy}'"
     )
@@ -355,12 +355,12 @@ def test_the_zygote_imports_asyncio_for_the_first_async_task_only() -> None:
         import sys
         import psutil
         from procsup import Supervisor
-        from procsup._zygote import _Zygote
+        from procsup._process.zygote import _Zygote
         from tests import asyncless_tasks as tasks
 
         def zygote_has_asyncio():
             children = psutil.Process().children()
-            (zygote,) = [p for p in children if "procsup._zygote_main" in " ".join(p.cmdline())]
+            (zygote,) = [p for p in children if "procsup._process.server" in " ".join(p.cmdline())]
             with open(f"/proc/{zygote.pid}/maps") as maps:
                 return "/_asyncio." in maps.read()
 

@@ -132,7 +132,7 @@ def fail_once(token: CancellationToken, go: CancellationToken, marker: str) -> s
 
 def hold_the_lock(conn: Any) -> None:
     """Hold this process family's arena lock from "held" until told "go"."""
-    from procsup._arena import Arena
+    from procsup._token.arena import Arena
 
     arena = Arena.default()
     arena.lock()

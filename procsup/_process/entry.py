@@ -1,0 +1,127 @@
+"""Child-side entry point: signal policy, run the task, ship its one outcome frame.
+
+::
+
+    supervisor process                               task process (procsup._process.zygote)
+    ──────────────────                               ──────────────────────────────
+    Process(target=main, args=(fn, args,   ──start──▶ main(): SIGINT ignored, own process group,
+            kwargs, writer, token, stderr))                 a subreaper, fd 2 := the stderr pipe
+                                                            value = fn(token, *args, **kwargs)
+    writer closed right after start                         (an awaitable runs in a fresh loop)
+                                                            frame = encode_return / encode_error
+    supervisor thread reads the pipe   ◀──── frame ──────  os.write(writer) until all is sent
+    and watches the process itself                          return -> exit code 0
+
+The outcome is decided from the frame, and death from the process: a task that dies before its
+frame is complete crashed, whatever it wrote.
+
+Things that don't work
+----------------------
+- Letting multiprocessing report the outcome: ``Process._bootstrap`` prints the traceback to stderr
+  and exits 1, indistinguishable from ``os._exit(1)``; ``SystemExit(n)`` becomes exit code ``n``.
+- ``Connection.send_bytes`` for a big result: it concatenates header and payload for small ones and
+  gives no way to stream; a plain ``os.write`` loop over a memoryview copies nothing.
+- Handling SIGINT in the task: Ctrl-C at a terminal signals the whole foreground group; the
+  supervisor decides (it cancels the tree), so tasks ignore it and also leave that group.
+- Keeping what a fork inherits: the parent's Python SIGTERM handler (and asyncio's wake-up fd)
+  would swallow the SIGTERM of ``stop()``, leaving only SIGKILL a second later. They are reset.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pickle
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from multiprocessing.connection import Connection
+from typing import Any, TypeVar
+
+from procsup._os.proc import detach_process_group
+from procsup._os.tree import enter_task
+from procsup._outcome.remote import encode_error, encode_return
+from procsup._process.stdio import attach
+from procsup._token.token import CancellationToken
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+
+
+async def _await(aw: Awaitable[T]) -> T:
+    return await aw
+
+
+def _outcome(
+    task_fn: Callable[..., Any],
+    token: CancellationToken,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+) -> bytes:
+    try:
+        value = task_fn(token, *args, **kwargs)
+        if inspect.isawaitable(value):
+            import asyncio  # only for async tasks: see procsup._supervision.aio
+
+            value = asyncio.run(_await(value))
+    except SystemExit as exc:
+        # sys.exit() and sys.exit(0) are how scripts say "done": a success, as for the interpreter.
+        if exc.code not in (0, None):
+            return encode_error(exc)
+        value = None
+    except BaseException as exc:  # noqa: BLE001 - every exception is an outcome, even KeyboardInterrupt
+        return encode_error(exc)
+    try:
+        return encode_return(value)
+    except Exception as exc:  # noqa: BLE001 - pickling can raise anything a __reduce__ raises
+        try:
+            raise pickle.PicklingError(
+                f"the task's return value ({type(value).__qualname__}) cannot be sent to the "
+                f"parent: {exc}"
+            ) from exc
+        except pickle.PicklingError as err:
+            return encode_error(err)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _reset_signals() -> None:
+    """Drop handlers inherited from the parent (under fork): SIGTERM from stop() must terminate."""
+    signal.set_wakeup_fd(
+        -1
+    )  # an inherited asyncio wake-up fd would swallow signals into the parent
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
+        if callable(signal.getsignal(signum)):
+            signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+
+
+def main(
+    task_fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    writer: Connection,
+    token: CancellationToken,
+    stderr: Connection | None = None,
+) -> None:
+    """Run ``task_fn(token, *args, **kwargs)`` in this (child) process and report its outcome.
+
+    ``stderr``: the write end of the task's stderr pipe (``procsup._process.stdio``), or None.
+    """
+    _reset_signals()
+    detach_process_group()
+    enter_task()  # a subreaper: descendants stay below the task while it lives (procsup._os.tree)
+    if stderr is not None:
+        attach(stderr)
+    frame = _outcome(task_fn, token, args, kwargs)
+    try:
+        _write_all(writer.fileno(), frame)
+    except OSError:
+        # EPIPE: the supervisor is gone, nobody is left to tell.
+        pass
+    finally:
+        writer.close()

@@ -1,0 +1,325 @@
+"""CriticalTaskExecutionHandle: the caller's side of one critical task in one child process.
+
+The handle is a thin view on a supervisor's record of the task
+(``procsup._supervision.supervisor._Task``): the outcome is decided, the parent token cancelled and
+the process reaped by the supervisor thread, whether or not anybody holds the handle. What the
+handle adds is the seed's contract with its caller: ``join()`` or ``detach()`` before letting go.
+
+Things that don't work
+----------------------
+- Raising from ``__del__`` the way the seed's ``Drop`` panics: Python reports exceptions raised in
+  finalizers through ``sys.unraisablehook`` and carries on, which is what we want anyway (the task
+  keeps running, supervised); a ``with`` block is where we can raise for real.
+- Deciding outcomes in ``join()``: a detached task nobody joins must still cancel its parent within
+  milliseconds of failing (seed tests 9 and 10), so ``join()`` only reads a published outcome.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Any, Generic, TypeVar, overload
+
+from procsup._os.timeouts import check_timeout
+from procsup._outcome.errors import CriticalTaskError, NotDetachedError
+from procsup._supervision.lifecycle import Lifecycle
+from procsup._supervision.monitor import REAP_DEADLINE, TaskRecord, escalate
+from procsup._supervision.supervisor import Supervisor, default_supervisor
+from procsup._token.token import CancellationToken
+
+__all__ = ["CriticalTaskExecutionHandle"]
+
+T = TypeVar("T")
+
+_NOT_DETACHED = "Critical task was not detached prior to drop!"
+
+
+class CriticalTaskExecutionHandle(Generic[T]):
+    """Runs ``task_fn(token, *args, **kwargs)`` in a child process as a critical task.
+
+    ``token`` is ``parent_token.child_token()``, created before the process starts (so a task whose
+    parent is already cancelled starts with a cancelled token). If the task raises, exits without
+    reporting or crashes, the supervisor cancels ``parent_token`` before publishing the outcome,
+    whether or not the handle is still held. ``handle.cancel()`` asks the task to stop gracefully
+    and never touches the parent.
+
+    ``task_fn`` may be an ``async def``; it then runs in a fresh event loop in the child. Under the
+    spawn and forkserver start methods it must be importable (defined at module level), and args
+    and kwargs picklable; tokens, multiprocessing Events, Values and Queues may be among them.
+
+    Args:
+        task_fn: The task; called in the child with its token first.
+        parent_token: Cancelled if the task fails.
+        description: Names the task in errors, logs and the parent's cancellation cause.
+        args: Positional arguments after the token.
+        kwargs: Keyword arguments, or None.
+        runtime: The ``Supervisor`` to run under; None means the process-wide default one.
+
+    Raises:
+        TypeError: ``task_fn`` is not callable or (under spawn/forkserver) not importable, or
+            ``parent_token``, ``description``, ``args``, ``kwargs`` or ``runtime`` has a wrong
+            type, or the arguments cannot be pickled. No process is started then.
+        RuntimeError: ``runtime`` has been shut down.
+
+    A handle must be joined (``join``, ``join_async``, ``stop``) or ``detach()``-ed before it is
+    dropped, else ``NotDetachedError`` is reported through ``sys.unraisablehook``; leaving a
+    ``with`` block without doing so raises it.
+    """
+
+    __module__ = "procsup"
+
+    @overload
+    def __init__(
+        self: CriticalTaskExecutionHandle[T],
+        task_fn: Callable[..., Awaitable[T]],
+        parent_token: CancellationToken,
+        description: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        runtime: Supervisor | None = None,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self: CriticalTaskExecutionHandle[T],
+        task_fn: Callable[..., T],
+        parent_token: CancellationToken,
+        description: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        runtime: Supervisor | None = None,
+    ) -> None: ...
+
+    def __init__(
+        self,
+        task_fn: Callable[..., Any],
+        parent_token: CancellationToken,
+        description: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        runtime: Supervisor | None = None,
+    ) -> None:
+        self._detached = True  # until the task exists, there is nothing to report on drop
+        if runtime is not None and not isinstance(runtime, Supervisor):
+            raise TypeError(f"runtime must be a Supervisor or None, not {type(runtime).__name__}")
+        sup = default_supervisor() if runtime is None else runtime
+        self._life: Lifecycle = sup._launch(task_fn, parent_token, description, args, kwargs)
+        self._detached = False
+
+    @classmethod
+    def _adopt(cls, life: Lifecycle) -> CriticalTaskExecutionHandle[Any]:
+        """The handle of a task ``Supervisor.spawn`` has started."""
+        handle: CriticalTaskExecutionHandle[Any] = cls.__new__(cls)
+        handle._life = life
+        handle._detached = False
+        return handle
+
+    @property
+    def _task(self) -> TaskRecord:
+        """The current (or last) run."""
+        record = self._life.record
+        assert record is not None, "a handle exists only once its first run has started"
+        return record
+
+    @classmethod
+    def new(
+        cls,
+        task_fn: Callable[..., Any],
+        parent_token: CancellationToken,
+        description: str,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> CriticalTaskExecutionHandle[Any]:
+        """Start a critical task on the process-wide default supervisor (seed parity)."""
+        return cls(task_fn, parent_token, description, args=args, kwargs=kwargs)
+
+    @classmethod
+    def new_with_runtime(
+        cls,
+        task_fn: Callable[..., Any],
+        parent_token: CancellationToken,
+        description: str,
+        runtime: Supervisor,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> CriticalTaskExecutionHandle[Any]:
+        """Start a critical task on ``runtime`` (seed parity)."""
+        return cls(task_fn, parent_token, description, args=args, kwargs=kwargs, runtime=runtime)
+
+    @property
+    def description(self) -> str:
+        """The description given at creation."""
+        return self._life.description
+
+    @property
+    def pid(self) -> int:
+        """The task's process id (of its current run, for a task that was restarted)."""
+        return self._task.pid
+
+    @property
+    def restarts(self) -> int:
+        """How many times the task was restarted (0 for a ``temporary`` task)."""
+        return self._life.restarts
+
+    @property
+    def last_failure(self) -> CriticalTaskError | None:
+        """The error of the last run that failed or crashed (not stopped on request), or None."""
+        return self._life.last_failure
+
+    @property
+    def exitcode(self) -> int | None:
+        """None until the process has been reaped; then its exit code, ``-N`` for signal N."""
+        return self._task.exitcode
+
+    def is_finished(self) -> bool:
+        """Return True once the outcome is published (process reaped, parent cancelled if due)."""
+        return self._life.future.done()
+
+    def is_cancelled(self) -> bool:
+        """Return True if the task's own token is cancelled (by ``cancel()`` or an ancestor)."""
+        return self._task.token.is_cancelled()
+
+    def cancel(self) -> None:
+        """Ask the task to stop by cancelling its token; never cancels the parent. Idempotent.
+
+        A restartable task is not restarted after this; if it was waiting to be restarted, its last
+        run's outcome becomes final at once.
+        """
+        self._life.cancel(f"Critical task '{self.description}' was cancelled by its handle")
+
+    def join(self, timeout: float | None = None) -> T:
+        """Wait for the task's outcome and return its value, or raise its error.
+
+        Args:
+            timeout: Seconds to wait; None (or ``math.inf``) waits for as long as it takes; 0
+                does not block (it polls).
+
+        Returns:
+            The task's return value, once its process has exited and been reaped.
+
+        Raises:
+            TaskFailedError: the task raised an ``Exception``.
+            TaskPanickedError: the task raised another ``BaseException``.
+            TaskCrashedError: the process died without reporting, or was stopped on request.
+            CriticalTaskError: the supervisor was lost before the outcome was known.
+            TimeoutError: ``timeout`` elapsed; nothing is cancelled and ``join`` may be retried.
+            ValueError, TypeError: ``timeout`` is negative, NaN or not a number.
+
+        May be called any number of times; each call returns (or raises) the same outcome.
+        """
+        wait = check_timeout(timeout)
+        self._detached = True  # as in the seed, join() consumes the obligation to detach
+        try:
+            return self._life.future.result(wait)  # type: ignore[no-any-return]
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(
+                f"Critical task '{self.description}' (pid {self.pid}) did not finish within "
+                f"{timeout} s; it is still running and supervised"
+            ) from None
+
+    async def join_async(self) -> T:
+        """Asyncio form of ``join()``: same value, same errors.
+
+        Cancelling the awaiting coroutine (e.g. ``asyncio.wait_for`` timing out) cancels nothing in
+        the task.
+        """
+        import asyncio  # not at module level: see procsup._supervision.aio
+
+        self._detached = True
+        return await asyncio.wrap_future(self._life.future)
+
+    async def stop_async(self, timeout: float | None = 5.0) -> T:
+        """Asyncio form of ``stop()``: the waits and signals happen without blocking the loop.
+
+        ``timeout`` means what it means for ``stop()``, and is checked the same way.
+        """
+        import asyncio
+
+        wait = check_timeout(timeout)
+        self._detached = True
+        self._life.cancel(f"Critical task '{self.description}' stop requested")
+        future = asyncio.wrap_future(self._life.future)
+        done, _ = await asyncio.wait([future], timeout=wait)
+        if not done:
+            await asyncio.to_thread(self._escalate, timeout)
+        return await future  # type: ignore[no-any-return]
+
+    def detach(self) -> None:
+        """Let the handle go: the task keeps running, supervised; its parent is still cancelled if
+        it fails. Idempotent."""
+        self._detached = True
+
+    def stop(self, timeout: float | None = 5.0) -> T:
+        """Cancel the task, wait ``timeout`` seconds, then SIGTERM and (a second later) SIGKILL its
+        whole process tree; return or raise like ``join()``.
+
+        Args:
+            timeout: Seconds the task gets to honour cancellation; None (or ``math.inf``) waits
+                forever, 0 escalates at once.
+
+        A task killed here raises ``TaskCrashedError`` with ``stopped=True`` and leaves its parent
+        token alone; a task that returns or fails in time behaves exactly as with ``join()``.
+
+        Raises:
+            TimeoutError: The task survived SIGKILL (a process stuck in the kernel, D state); the
+                message gives its pid and ``/proc`` state. ``stop()`` never waits for it longer.
+            ValueError, TypeError: ``timeout`` is negative, NaN or not a number; nothing is
+                cancelled then.
+        """
+        wait = check_timeout(timeout)
+        self._detached = True
+        self._life.cancel(f"Critical task '{self.description}' stop requested")
+        if concurrent.futures.wait([self._life.future], wait).not_done:
+            stuck = self._escalate(timeout)
+            if stuck and not self._life.future.done():
+                raise TimeoutError(
+                    f"stop(): {'; '.join(stuck)}; it stays supervised, and its outcome is "
+                    "published if it ever dies"
+                )
+        return self.join(REAP_DEADLINE)
+
+    def _escalate(self, timeout: float | None) -> list[str]:
+        """SIGTERM, then SIGKILL the tree; return what /proc says of a task that survived that."""
+        record = None
+        stuck: list[str] = []
+        # Again if a restart was under way: its run is born cancelled, but may ignore it too.
+        while not self._life.future.done() and self._life.record is not record:
+            record = self._task
+            stuck = escalate([record], f"it did not honour cancellation within {timeout} s")
+        return stuck
+
+    def __enter__(self) -> CriticalTaskExecutionHandle[T]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # With an exception in flight we do not mask it: the handle stays undetached and its drop
+        # reports NotDetachedError through sys.unraisablehook.
+        if not self._detached and exc_type is None:
+            self._detached = True
+            raise self._not_detached()
+
+    def _not_detached(self) -> NotDetachedError:
+        return NotDetachedError(
+            f"{_NOT_DETACHED} (task '{self.description}', pid {self.pid})",
+            description=self.description,
+            pid=self.pid,
+        )
+
+    def __del__(self) -> None:
+        if not getattr(self, "_detached", True):
+            self._detached = True
+            raise self._not_detached()
+
+    def __repr__(self) -> str:
+        task = self._task
+        if self._life.future.done():
+            state = f"finished, exitcode={task.exitcode}"
+        else:
+            state = "cancelled" if task.token.is_cancelled() else "running"
+        return f"<CriticalTaskExecutionHandle {task.description!r} pid={task.pid} {state}>"

@@ -1,0 +1,374 @@
+"""A critical task across its runs: Erlang/OTP restart policies, backoff, intensity, timeouts.
+
+::
+
+    spawn() ─▶ Lifecycle.start() ─▶ Supervisor._start() ─▶ run 1 (TaskRecord, fresh child token)
+                                                              │ outcome published (monitor thread)
+                                  Lifecycle._ended() ◀────────┘ event: finished, cancelled, ...
+                                    temporary, or stopped, cancelled, shut down ─▶ final outcome
+                                    transient + returned                        ─▶ final outcome
+                                    more than max_restarts within period        ─▶ cancel parent
+                                                                                   ("escalated")
+                                    else: Timers.call_later(backoff) ─▶ _restart() ─▶ run 2 ...
+    handle.join() ◀── Lifecycle.future: set once, with the final outcome only
+
+Policies (OTP ``restart`` values): ``temporary`` runs once, and a failure cancels the parent (the
+seed's behaviour); ``transient`` is restarted after a failure or crash, not after a return;
+``permanent`` is restarted after any end. A task stops being restarted once its handle cancels or
+stops it, its parent token is cancelled or its supervisor shuts down: its last outcome is then
+final. A restartable task's failures do not cancel its parent; exceeding the restart intensity does,
+with a cause that lists the last failures, and so does a final failure.
+
+Backoff before restart ``n`` within the current period is ``min(first * 2**(n-1), most)``, scaled
+by a random factor in [0.5, 1] (jitter) so tasks that failed together do not restart in lockstep.
+
+Things that don't work
+----------------------
+- Restarting from the thread that joins: a detached task has nobody joining, and must restart (or
+  escalate) all the same. Decisions are made in the outcome's done-callback, on the supervision
+  thread, and the restart is a timer on that thread's heap (``procsup._supervision.timers``): no
+sleep there. - Reusing the first run's token: a cancelled token stays cancelled. Each run gets
+  ``parent.child_token()``, made by ``Supervisor._start`` like the first.
+- ``escalate()`` for timeouts on the supervision thread: it waits for the outcome that thread
+  itself publishes. The timeout's SIGTERM and SIGKILL are timers too.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import functools
+import logging
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from procsup._os import proc as _platform
+from procsup._outcome.errors import CriticalTaskError, TaskCrashedError
+from procsup._supervision.monitor import _KILL_AFTER as KILL_AFTER
+from procsup._supervision.monitor import TaskRecord
+from procsup._supervision.options import TaskOptions
+from procsup._supervision.status import EventKind, TaskEvent, TaskSnapshot, TaskState
+from procsup._supervision.timers import Timer
+from procsup._token.token import lock_is_free
+
+if TYPE_CHECKING:
+    from procsup._supervision.supervisor import Supervisor
+    from procsup._token.token import CancellationToken
+
+__all__ = ["Lifecycle"]
+
+logger = logging.getLogger("procsup")
+
+_HISTORY = 5  # failures listed in an escalation's cause
+_LOCK_RETRY = 0.01  # seconds between looks at a token arena lock that another process holds
+
+
+class Lifecycle:
+    """One critical task, from its first start to its final outcome, across restarts.
+
+    Invariants (under ``lock``): ``record`` is the current (or last) run, None only before the
+    first start; ``future`` is set once, with the final outcome, after the parent was cancelled if
+    that outcome cancels it (for a temporary task it *is* the run's future); ``_stopping`` is True
+    once no further run may start; ``_pending`` is the restart timer while between runs, else None.
+    """
+
+    def __init__(
+        self,
+        sup: Supervisor,
+        task_fn: Callable[..., Any],
+        parent: CancellationToken,
+        description: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any] | None,
+        options: TaskOptions,
+    ) -> None:
+        self.sup = sup
+        self.task_fn = task_fn
+        self.parent = parent
+        self.description = description
+        self.args = args
+        self.kwargs = kwargs
+        self.options = options
+        self.lock = threading.Lock()
+        self.record: TaskRecord | None = None
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.future.set_running_or_notify_cancel()
+        self.restarts = 0
+        self.last_failure: CriticalTaskError | None = None
+        self._last: tuple[Any, BaseException | None] = (None, None)
+        self._history: collections.deque[str] = collections.deque(maxlen=_HISTORY)
+        self._restart_times: collections.deque[float] = collections.deque()
+        self._stopping = False
+        self._pending: Timer | None = None
+        self._deadline: Timer | None = None
+        self._started = 0.0
+        self._ps: psutil.Process | None = None
+
+    # ---------------------------------------------------------------- runs
+
+    def start(self) -> None:
+        """Start the first run in the caller's thread; raises as ``Supervisor._start`` does."""
+        record = self.sup._start(
+            self.task_fn, self.parent, self.description, self.args, self.kwargs, self.options
+        )
+        if not self.options.restarts:
+            self.future = record.future  # no second run: join() waits on the run itself
+        self.sup._status.register(self)
+        self._began(record, "started")
+
+    def _began(self, record: TaskRecord, kind: EventKind) -> None:
+        with self.lock:
+            self.record = record
+            self._started = time.monotonic()
+            if self._stopping:  # cancelled while this run was being started
+                record.token.cancel(f"Critical task '{self.description}' was cancelled")
+        self._emit(kind, record.pid)
+        if self.options.timeout is not None:
+            timers = self.sup._timers()
+            self._deadline = timers.call_later(
+                self.options.timeout, functools.partial(self._timed_out, record)
+            )
+        record.future.add_done_callback(functools.partial(self._ended, record))
+
+    def _ended(self, record: TaskRecord, future: concurrent.futures.Future[Any]) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        error = future.exception()
+        value = None if error is not None else future.result()
+        if error is not None and isinstance(error, CriticalTaskError) and not _stopped(error):
+            self.last_failure = error
+        self._last = (value, error)
+        with self.lock:
+            final = (
+                not self.options.restarts
+                or self._stopping
+                or _stopped(error)
+                or self.parent.is_cancelled()
+                or self.sup.closed
+                or (self.options.restart == "transient" and error is None)
+            )
+            if final and self.options.restarts:
+                self._stopping = True
+        if final:
+            # Out of tasks() before the event: whoever sees a run's final event sees it gone.
+            self._finished()
+        self._emit(_classify(record, error), record.pid, error)
+        if not self.options.restarts:
+            return
+        if final:
+            self._publish()
+            return
+        if error is None:
+            self._history.append(f"returned normally (pid {record.pid})")
+        else:
+            self._history.append((str(error).splitlines() or [""])[0][:300])
+        now = time.monotonic()
+        times = self._restart_times
+        while times and times[0] <= now - self.options.period:
+            times.popleft()
+        if len(times) >= self.options.max_restarts:
+            self._escalate()
+            return
+        times.append(now)
+        first, most = self.options.backoff
+        delay = min(first * 2 ** (len(times) - 1), most) * random.uniform(0.5, 1.0)
+        logger.warning(
+            "Restarting critical task '%s' in %.3f s (restart %d of %d within %g s)",
+            self.description,
+            delay,
+            len(times),
+            self.options.max_restarts,
+            self.options.period,
+        )
+        with self.lock:
+            if self._stopping:  # cancelled meanwhile
+                final = True
+            else:
+                self._pending = self.sup._timers().call_later(delay, self._restart)
+        if final:
+            self._publish()
+
+    def _restart(self) -> None:
+        """On the supervision thread, once the backoff has passed (or at once if it is leaving)."""
+        with self.lock:
+            self._pending = None
+            # The parent may have been cancelled during the backoff: a run would be born cancelled.
+            stop = self._stopping or self.sup.closed or self.parent.is_cancelled()
+            if stop:
+                self._stopping = True
+        if stop:
+            self._publish()
+            return
+        if not lock_is_free(self.parent):
+            # Another process holds the token arena's lock, maybe stopped (SIGSTOP, a debugger):
+            # the start would wait for it here, and no other task's death would be noticed
+            # meanwhile. Look again shortly instead.
+            with self.lock:
+                if not self._stopping:
+                    self._pending = self.sup._timers().call_later(_LOCK_RETRY, self._restart)
+                    return
+            self._publish()
+            return
+        try:
+            record = self.sup._start(
+                self.task_fn, self.parent, self.description, self.args, self.kwargs, self.options
+            )
+        except Exception as exc:  # shut down meanwhile, or the start failed (logged)
+            with self.lock:
+                self._stopping = True
+            if not self.sup.closed:
+                error = CriticalTaskError(
+                    f"Critical task '{self.description}' could not be restarted: {exc}",
+                    description=self.description,
+                )
+                error.__cause__ = exc
+                self._last = (None, error)
+                logger.error("%s", error, exc_info=exc)
+            self._publish()
+            return
+        self.restarts += 1
+        self._began(record, "restarted")
+
+    def _escalate(self) -> None:
+        opts = self.options
+        failures = "; ".join(f"[{i}] {text}" for i, text in enumerate(self._history, 1))
+        cause = (
+            f"Critical task '{self.description}' exceeded its restart intensity (more than "
+            f"{opts.max_restarts} restarts within {opts.period:g} s) and will not be restarted; "
+            f"last failures: {failures}"
+        )
+        with self.lock:
+            self._stopping = True
+        value, error = self._last
+        if error is None:
+            error = CriticalTaskError(cause, description=self.description, pid=self.pid)
+        else:
+            error.add_note(cause)
+        self._last = (value, error)
+        logger.error("%s", cause)
+        self.parent.cancel(cause)
+        self._emit("escalated", self.pid, detail=cause)
+        self._publish(cancel_parent=False)
+
+    def _publish(self, cancel_parent: bool = True) -> None:
+        """Publish the last run's outcome as final; a failure cancels the parent first."""
+        value, error = self._last
+        if self.future.done():
+            return
+        if error is not None:
+            if cancel_parent and isinstance(error, CriticalTaskError) and not _stopped(error):
+                self.parent.cancel(str(error))
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(value)
+        self._finished()
+
+    def _finished(self) -> None:
+        self.sup._status.forget(self)
+
+    # ---------------------------------------------------------------- from the handle
+
+    def cancel(self, reason: str) -> None:
+        """No further run; cancel the current token. Between runs, the last outcome is final."""
+        with self.lock:
+            self._stopping = True
+            record = self.record
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+            self._publish()
+        if record is not None:
+            record.token.cancel(reason)
+
+    # ---------------------------------------------------------------- timeouts
+
+    def _timed_out(self, record: TaskRecord) -> None:
+        if record.future.done():
+            return
+        timeout, grace = self.options.timeout, self.sup.grace_period
+        record.token.cancel(f"Critical task '{self.description}' timed out after {timeout:g} s")
+        reason = (
+            f"it exceeded its timeout of {timeout:g} s and did not honour cancellation "
+            f"within {grace:g} s"
+        )
+        self._deadline = self.sup._timers().call_later(
+            grace, functools.partial(self._kill, record, signal.SIGTERM, reason)
+        )
+
+    def _kill(self, record: TaskRecord, signum: int, reason: str) -> None:
+        with record.lock:
+            if record.exited:
+                return
+            record.limit_reason = reason
+            _platform.signal_tree(record.pid, signum)
+        if signum == signal.SIGTERM:
+            self._deadline = self.sup._timers().call_later(
+                KILL_AFTER, functools.partial(self._kill, record, signal.SIGKILL, reason)
+            )
+
+    # ---------------------------------------------------------------- status
+
+    @property
+    def pid(self) -> int | None:
+        """The current (or last) run's pid."""
+        record = self.record
+        return None if record is None else record.pid
+
+    def _emit(
+        self,
+        kind: EventKind,
+        pid: int | None,
+        error: BaseException | None = None,
+        detail: str = "",
+    ) -> None:
+        err = error if isinstance(error, CriticalTaskError) else None
+        if err is not None and not detail:
+            detail = str(err).splitlines()[0]
+        event = TaskEvent(kind, self.description, pid, self.restarts, time.time(), err, detail)
+        self.sup._status.emit(event)
+
+    def snapshot(self) -> TaskSnapshot:
+        """The task now, for ``Supervisor.tasks()``."""
+        with self.lock:
+            record, pending, started = self.record, self._pending, self._started
+        if record is None or pending is not None or record.future.done():
+            restarts = self.restarts
+            return TaskSnapshot(self.description, None, "restarting", 0.0, restarts, None, None)
+        state: TaskState = "running"
+        if record.stop_reason is not None or record.limit_reason is not None:
+            state = "stopping"
+        elif record.token.is_cancelled():
+            state = "cancelling"
+        uptime = time.monotonic() - started
+        rss = cpu = None
+        try:
+            proc = self._ps
+            if proc is None or proc.pid != record.pid:
+                proc = self._ps = psutil.Process(record.pid)
+                times = proc.cpu_times()
+                proc.cpu_percent(None)  # the baseline for the next call
+                cpu = 100.0 * (times.user + times.system) / max(uptime, 1e-3)
+            else:
+                cpu = proc.cpu_percent(None)
+            rss = proc.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+        return TaskSnapshot(self.description, record.pid, state, uptime, self.restarts, rss, cpu)
+
+
+def _stopped(error: BaseException | None) -> bool:
+    return isinstance(error, TaskCrashedError) and error.stopped
+
+
+def _classify(record: TaskRecord, error: BaseException | None) -> EventKind:
+    if error is None:
+        return "cancelled" if record.token.is_cancelled() else "finished"
+    if isinstance(error, TaskCrashedError):
+        return "cancelled" if error.stopped else "crashed"
+    return "failed"

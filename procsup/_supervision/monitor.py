@@ -1,0 +1,419 @@
+"""The supervision thread: one per Supervisor, blocking on every task's exit and result at once.
+
+::
+
+    Supervisor._start()                      Monitor thread
+    ───────────────────                      ──────────────
+    TaskRecord(proc, conn, exit_fd) ─▶ add() ─▶ pending + wake-up byte
+                                             selector.select() blocks on
+                                               wake-up pipe │ exit fd per task │ result fd per task
+                                               (exit fd: a pidfd, or the zygote's status
+                                                pipe; never anything the task holds)
+                                             result fd readable ─▶ os.read what is there,
+                                                 FrameReader.feed(); a whole error frame cancels
+                                                 the parent at once
+                                             exit fd readable ─▶ drain the pipe (until EAGAIN),
+                                                 reap, classify, cancel the parent (unless a stop
+                                                 was requested), log, THEN publish on the Future
+    handle.join() ◀─ Future.result(timeout) ─────┘
+                                             a fork task's shim still holding the task's orphans
+                                               (``procsup._process.shim``): its pidfd is watched,
+                                               and it is reaped once it exits; close() kills it
+
+Things that don't work
+----------------------
+- Learning of death from pipe EOF (``multiprocessing.connection.wait`` over result pipes, as
+  ProcessPoolExecutor does): a grandchild holding the write end keeps the pipe open for as long as
+  it lives. Death comes from the exit fd; the result pipe is only drained, never waited to EOF.
+- ``Connection.recv()`` in the thread: one big result would block every other task's supervision.
+  Reads are non-blocking and bounded per wake-up (``_READS_PER_WAKE``).
+- Starting tasks as ``multiprocessing.Process``: ``multiprocessing.active_children()`` or another
+  thread's ``Process.start()`` polls every child, two concurrent polls of one status fd race, and
+  one of them records exit code 255. procsup's processes (``procsup._process.zygote``) are not in
+  ``multiprocessing.process._children``; every task is reaped by this thread alone.
+- ``selectors`` with new tasks queued for the thread behind a wake-up byte: every start then pays a
+  GIL hand-off to the thread (~1 ms on a loaded 2-core machine). Tasks are registered with the raw
+  epoll from the caller's thread instead; the kernel allows it while the thread waits.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import os
+import select
+import signal
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any, Protocol
+
+from procsup._os import proc as _platform
+from procsup._os import tree as _contain
+from procsup._outcome import crash as _crash
+from procsup._outcome import remote as _remote
+from procsup._outcome.errors import (
+    CriticalTaskError,
+    TaskCrashedError,
+    TaskFailedError,
+    TaskPanickedError,
+)
+from procsup._process.guardian import drain
+from procsup._supervision.timers import Timers
+from procsup._token.token import prune
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
+    from procsup._os.tree import ExitInfo
+    from procsup._process.stdio import StderrTap
+    from procsup._process.zygote import Shim
+    from procsup._token.token import CancellationToken
+
+__all__ = ["KILL_WAIT", "REAP_DEADLINE", "Channel", "Monitor", "TaskRecord", "escalate"]
+
+logger = logging.getLogger("procsup")
+
+_READ_CHUNK = 1 << 20
+_READS_PER_WAKE = 16  # bounded so one chatty pipe cannot starve the other tasks' deaths
+_KILL_AFTER = 1.0  # seconds between SIGTERM and SIGKILL when escalating
+REAP_DEADLINE = 30.0  # after SIGKILL; only a process stuck in the kernel (D state) takes longer
+KILL_WAIT = 3.0  # seconds stop() and shutdown() wait after SIGKILL before reporting a stuck process
+_MONITOR_LOST = "Critical task monitor was cancelled"
+_DRAIN_BUDGET = 1024  # reads per channel at exit: a grandchild still writing cannot hold us up
+
+
+class Channel(Protocol):
+    """A pipe the thread drains for a task beside its result (its logs, its captured output)."""
+
+    def fileno(self) -> int: ...
+
+    def pump(self, budget: int | None) -> bool:
+        """Consume what is there (up to ``budget`` reads); False once the writer's end is closed."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class TaskRecord:
+    """Supervisor-side record of one task process.
+
+    Invariants:
+        future: RUNNING until the outcome is published, then done; never cancelled. Published only
+            after the process has been reaped and, for a failure, the parent cancelled.
+        reader: holds every result byte read so far; its ``body`` is set once the frame is whole.
+        outcome: None until a whole frame was decoded, then a Returned or the error to raise;
+            None again once published (the Future holds it, so a big result is kept once).
+        conn: open (and, once adopted, registered) until EOF or reaping; only the thread reads it.
+        exited: set under ``lock`` by the thread before it reaps, so a signal sent under ``lock``
+            never reaches a recycled pid.
+        stop_reason: None, or why procsup escalated to signals (then a crash is a "stop").
+        limit_reason: None, or which limit procsup killed the task for (a timeout); unlike a stop,
+            that crash is a failure and cancels the parent.
+        cancels_parent: False for a task whose restart policy decides
+        (``procsup._supervision.lifecycle``). channels: the task's log and output pipes still open;
+        closed before the outcome is out. stderr: the task's stderr pipe (also among ``channels``
+        while open), kept for its tail. started: ``time.monotonic()`` when the record was made, just
+        after the process started. info: None until reaped; then how the process ended
+        (``procsup._os.tree.ExitInfo``). exitcode: None until reaped.
+    """
+
+    def __init__(
+        self,
+        description: str,
+        proc: BaseProcess,
+        token: CancellationToken,
+        parent: CancellationToken,
+        conn: Connection,
+        exit_fd: int,
+    ) -> None:
+        self.description = description
+        self.proc = proc
+        self.pid: int = proc.pid or 0
+        self.token = token
+        self.parent = parent
+        self.conn: Connection | None = conn
+        self.exit_fd = exit_fd
+        self.reader = _remote.FrameReader()
+        self.outcome: _remote.Returned | CriticalTaskError | None = None
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.future.set_running_or_notify_cancel()  # so asyncio.wrap_future can never cancel it
+        self.lock = threading.Lock()
+        self.exited = False
+        self.stop_reason: str | None = None
+        self.limit_reason: str | None = None
+        self.cancels_parent = True
+        self.channels: list[Channel] = []
+        self.stderr: StderrTap | None = None
+        self.started = time.monotonic()
+        self.info: ExitInfo | None = None
+        self.exitcode: int | None = None
+
+    @property
+    def received(self) -> int:
+        """Bytes of the result frame read so far (for the crash record)."""
+        return self.reader.received
+
+    def release(self) -> None:
+        """Close every fd the record holds (idempotent); the process must be reaped first."""
+        for channel in self.channels:
+            channel.close()
+        self.channels = []
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        self.proc.close()
+
+
+def escalate(tasks: list[TaskRecord], reason: str) -> list[str]:
+    """SIGTERM each task's process tree, give them ``_KILL_AFTER`` seconds, then SIGKILL the rest
+    (trees frozen first, ``procsup._os.tree.kill_tree``) and give them ``KILL_WAIT`` seconds.
+
+    ``reason`` completes "was stopped on request: ..." in the task's ``TaskCrashedError``. Returns
+    (and logs) what ``/proc`` says of each task still not reaped then, e.g. one in D state; the
+    supervision thread keeps watching it and publishes its outcome whenever it dies.
+    """
+    for task in tasks:
+        with task.lock:
+            if not task.exited:
+                task.stop_reason = reason
+                _platform.signal_tree(task.pid, signal.SIGTERM)
+    concurrent.futures.wait([task.future for task in tasks], _KILL_AFTER)
+    for task in tasks:
+        with task.lock:
+            if not task.exited:
+                _contain.kill_tree(task.pid)
+    concurrent.futures.wait([task.future for task in tasks], KILL_WAIT)
+    stuck = []
+    for task in tasks:
+        with task.lock:
+            if not task.exited:
+                stuck += [f"task '{task.description}' " + s for s in _contain.stuck([task.pid])]
+    if stuck:
+        logger.error("still alive %s s after SIGKILL: %s", KILL_WAIT, "; ".join(stuck))
+    return stuck
+
+
+class Monitor:
+    """The supervision thread and what it watches.
+
+    Invariants: ``live`` holds every added task whose outcome is not published yet; after
+    ``exiting`` is set, ``add()`` refuses new tasks and the thread, once ``live`` is empty (both
+    under ``lock``), kills the fork shims left in ``shims`` (pidfd -> shim, the thread's alone),
+    reaps them, and returns. ``_roles`` maps every fd registered with ``_epoll`` to what it is
+    for; an entry is added just before its fd is registered (by any thread) and removed by the
+    thread just after it is unregistered, before the fd is closed, so a reused fd number is never
+    mistaken for its predecessor.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.live: set[TaskRecord] = set()
+        self._exiting = False
+        self._epoll = select.epoll()
+        self._roles: dict[int, tuple[str, TaskRecord | None]] = {}
+        self.shims: dict[int, Shim] = {}
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._watch(self._wake_r, "wake", None)
+        self.timers = Timers(self._wake)  # restarts and timeouts: the poll timeout honours them
+        self._thread = threading.Thread(target=self._run, name="procsup-supervisor", daemon=True)
+        self._thread.start()
+
+    def add(self, task: TaskRecord) -> bool:
+        """Start watching ``task``; False if the monitor is exiting (the caller must clean up)."""
+        with self.lock:
+            if self._exiting:
+                return False
+            self.live.add(task)
+        # Registered from the caller's thread: epoll_ctl is safe while the thread waits in
+        # epoll_wait, and it spares a wake-up (a GIL hand-off) on every start.
+        assert task.conn is not None
+        # The exit fd last: once it is watched the thread may finish the task, unwatching the rest.
+        for channel in list(task.channels):
+            self._watch(channel.fileno(), "channel", task)
+        self._watch(task.conn.fileno(), "result", task)
+        self._watch(task.exit_fd, "exit", task)
+        return True
+
+    def _watch(self, fd: int, role: str, task: TaskRecord | None) -> None:
+        self._roles[fd] = (role, task)
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def _unwatch(self, fd: int) -> None:
+        self._epoll.unregister(fd)
+        del self._roles[fd]
+
+    def close(self, timeout: float) -> bool:
+        """Let the thread return once no task is live; True once it has and fds are closed."""
+        with self.lock:
+            self._exiting = True
+        self._wake()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            return False
+        if self._wake_w >= 0:
+            self._epoll.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
+        return True
+
+    @property
+    def alive(self) -> bool:
+        """True while the supervision thread runs."""
+        return self._thread.is_alive()
+
+    def _wake(self) -> None:
+        if self._wake_w < 0:
+            return
+        with contextlib.suppress(BlockingIOError):  # a full pipe already means "wake up"
+            os.write(self._wake_w, b"\0")
+
+    def _run(self) -> None:
+        try:
+            while True:
+                deaths = []
+                for fd, _ in self._epoll.poll(self.timers.timeout()):
+                    role, task = self._roles[fd]
+                    if role == "wake":
+                        drain(self._wake_r)
+                    elif role == "result":
+                        assert task is not None
+                        self._read(task, _READS_PER_WAKE)
+                    elif role == "channel":
+                        assert task is not None
+                        self._pump(task, fd)
+                    elif role == "shim":
+                        self._unwatch(fd)
+                        self.shims.pop(fd).reap(None)  # it has exited
+                    else:
+                        assert task is not None
+                        deaths.append(task)
+                # Results before deaths, so a frame that arrived with the death is not missed.
+                for task in deaths:
+                    self._finish(task)
+                task = None  # while we wait, a finished task's record is kept by nobody here
+                deaths.clear()
+                self.timers.run_due()
+                with self.lock:
+                    done = self._exiting and not self.live
+                if done:
+                    return
+        except BaseException:
+            logger.exception("procsup supervisor thread died; its tasks are no longer supervised")
+        finally:
+            self._lose_all()
+            self._end_shims()
+            self.timers.run_all()  # pending restarts resolve (the supervisor is gone: no restart)
+
+    def _end_shims(self) -> None:
+        """Kill the fork shims still holding orphans (shutdown: they die now, not after the grace
+        period) and reap them."""
+        for fd, shim in list(self.shims.items()):
+            self._unwatch(fd)
+            shim.kill()
+            if not shim.reap(KILL_WAIT):
+                logger.error("procsup fork shim pid %d still alive after SIGKILL", shim.pid)
+                shim.drop()
+        self.shims.clear()
+
+    def _pump(self, task: TaskRecord, fd: int) -> None:
+        for channel in task.channels:
+            if channel.fileno() == fd and not channel.pump(_READS_PER_WAKE):
+                self._unwatch(fd)
+                task.channels.remove(channel)
+                channel.close()
+                return
+
+    def _read(self, task: TaskRecord, budget: int | None) -> None:
+        """Read what the pipe holds (up to ``budget`` chunks); decode once the frame is whole."""
+        while task.conn is not None and (budget is None or budget > 0):
+            try:
+                data = os.read(task.conn.fileno(), _READ_CHUNK)
+            except BlockingIOError:
+                break
+            if not data:
+                self._unwatch(task.conn.fileno())
+                task.conn.close()
+                task.conn = None
+                break
+            if task.reader.feed(data) and task.reader.body is not None:  # whole, not decoded
+                self._decode(task)
+            if budget is not None:
+                budget -= 1
+
+    def _decode(self, task: TaskRecord) -> None:
+        assert task.reader.body is not None
+        decoded = _remote.decode(task.reader.body)
+        task.reader.release()
+        if isinstance(decoded, _remote.Returned):
+            task.outcome = decoded
+            return
+        cls = TaskPanickedError if decoded.panicked else TaskFailedError
+        kind = "panicked" if decoded.panicked else "failed"
+        what = f"{decoded.short_name}: {decoded.message}" if decoded.message else decoded.short_name
+        error = cls(
+            f"Critical task '{task.description}' {kind}: {what}",
+            description=task.description,
+            pid=task.pid,
+            remote_traceback=decoded.text,
+        )
+        error.__cause__ = _remote.rebuild(decoded)
+        task.outcome = error
+        if task.stop_reason is None and task.cancels_parent:
+            # Cancel now, not at reaping: the process may take a while to exit after reporting.
+            task.parent.cancel(str(error))
+
+    def _finish(self, task: TaskRecord) -> None:
+        """The process has exited: drain its pipe, reap it, classify, cancel, then publish."""
+        self._read(task, None)  # all it wrote is in the pipe now: it cannot block, only EAGAIN
+        self._unwatch(task.exit_fd)
+        if task.conn is not None:
+            self._unwatch(task.conn.fileno())
+        for channel in task.channels:  # its last log records are handled before join() returns
+            channel.pump(_DRAIN_BUDGET)
+            self._unwatch(channel.fileno())
+        with task.lock:
+            task.exited = True
+        task.info = _contain.reap(task.proc)
+        task.exitcode = exitcode = task.info.exitcode
+        shim = getattr(task.proc, "shim", None)
+        if shim is not None:  # a fork task's: it exits once the task's orphans are dead
+            task.proc.shim = None  # type: ignore[attr-defined]
+            if not shim.reap():
+                self.shims[shim.fd] = shim
+                self._watch(shim.fd, "shim", None)
+        task.release()
+        # The dead task can no longer give back its references to its token's subtree.
+        prune(task.token)
+        with self.lock:
+            self.live.discard(task)
+        outcome, task.outcome = task.outcome, None  # from now on the Future alone holds it
+        if isinstance(outcome, _remote.Returned):
+            logger.debug("Critical task '%s' completed successfully", task.description)
+            task.future.set_result(outcome.value)
+            return
+        error = outcome if outcome is not None else _crash.crashed(task, exitcode)
+        error.exitcode = exitcode
+        if task.stop_reason is not None:
+            error = _crash.stopped(task, exitcode, error)
+        if isinstance(error, TaskCrashedError):
+            _crash.annotate(error, task.info, task.started, task.stderr)
+        if task.stop_reason is not None:
+            logger.warning("%s", error)
+        else:
+            if task.cancels_parent:
+                task.parent.cancel(str(error))
+            logger.error("%s", error)
+        task.future.set_exception(error)
+
+    def _lose_all(self) -> None:
+        with self.lock:
+            self._exiting = True
+            lost = list(self.live)
+        for task in lost:
+            if not task.future.done():
+                task.future.set_exception(
+                    CriticalTaskError(_MONITOR_LOST, description=task.description, pid=task.pid)
+                )
