@@ -19,6 +19,7 @@ import procsup._supervision.handle
 import procsup._supervision.options
 import procsup._supervision.status
 import procsup._supervision.supervisor
+import procsup._token.token
 from procsup import CancellationToken, CriticalTaskExecutionHandle, Supervisor, TaskCrashedError
 from procsup._os.timeouts import check_timeout
 from tests import contract_tasks, tasks
