@@ -1,10 +1,10 @@
-"""``python -m procsup`` runs the demo; the demo's tasks live in ``procsup.demo.main``."""
+"""``python -m procsup`` runs the demo (``procsup.demo.main``); no task functions here."""
 
 from __future__ import annotations
 
 import sys
 
-if __name__ == "__main__":
-    from procsup.demo.main import main
+from procsup.demo.main import main
 
+if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

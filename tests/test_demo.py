@@ -33,8 +33,9 @@ from typing import Any
 import psutil
 import pytest
 
-from procsup.demo import view as _demo_view
+from procsup.demo.output import make_view
 from procsup.demo.stress import percentiles
+from procsup.demo.view import JsonView, PlainView
 
 DEADLINE = 60.0  # seconds; a passing run takes a few
 ROOT = Path(__file__).resolve().parent.parent
@@ -406,11 +407,11 @@ def test_view_choice(monkeypatch: pytest.MonkeyPatch) -> None:
         def isatty(self) -> bool:
             return True
 
-    assert isinstance(_demo_view.make_view(True, Terminal()), _demo_view.JsonView)
-    assert type(_demo_view.make_view(False, io.StringIO())) is _demo_view.PlainView
+    assert isinstance(make_view(True, Terminal()), JsonView)
+    assert type(make_view(False, io.StringIO())) is PlainView
     monkeypatch.setitem(sys.modules, "rich", None)
     monkeypatch.delitem(sys.modules, "procsup.demo.rich_view", raising=False)
-    assert type(_demo_view.make_view(False, Terminal())) is _demo_view.PlainView
+    assert type(make_view(False, Terminal())) is PlainView
 
 
 def test_help_explains_each_scenario_in_one_line() -> None:

@@ -11,8 +11,8 @@ cache builder hits its memory limit (and is restarted) well before the native pa
 well before its second run would; in "restart" the flaky fetcher has recovered before the plugin
 host's third crash exceeds its restart intensity.
 
-Events reach a view (``procsup.demo.view``): a rich live table on a terminal, timestamped lines
-otherwise, one JSON object per line with ``--json``.
+Events reach a view (``procsup.demo.view``, chosen by ``procsup.demo.output.make_view``): a rich
+live table on a terminal, timestamped lines otherwise, one JSON object per line with ``--json``.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import logging
 import multiprocessing
 from collections.abc import Sequence
 
-from procsup.demo import tasks as tasks
+from procsup.demo import tasks
+from procsup.demo.output import make_view
 from procsup.demo.runner import STRESS_TASKS, STRESS_TASKS_SPAWN, Runner
-from procsup.demo.runs import Spec
-from procsup.demo.view import make_view
+from procsup.demo.spec import Spec
 
 __all__ = ["SCENARIOS", "main", "plan"]
 

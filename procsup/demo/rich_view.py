@@ -1,7 +1,8 @@
 """The demo's terminal view: a rich ``Live`` table redrawn in place, events printed above it.
 
-Imported only by ``procsup.demo.view.make_view`` when the output is a terminal; importing this
-module is what fails (ImportError) when the optional ``demo`` extra (rich) is not installed.
+The only module that imports rich, the optional ``demo`` extra. ``procsup.demo.output.make_view``
+imports it when the output is a terminal; importing it is what fails (ImportError) when rich is
+not installed, and the demo falls back to the plain view.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from procsup.demo.view import Row, View, mib
+from procsup.demo.rows import Row, mib
+from procsup.demo.view import View
 
 __all__ = ["RichView"]
 
@@ -78,9 +80,7 @@ class RichView(View):
             grid.add_column()
             for key, value in record.items():
                 grid.add_row(key, escape(str(value).rstrip()))
-            title = {"crashed": "crash record", "escalated": "escalation"}.get(
-                kind, f"{kind} record"
-            )
+            title = _TITLES.get(kind, f"{kind} record")
             self._console.print(Panel(grid, title=title, border_style=style or "red"))
 
     def status(self, rows: list[Row]) -> None:

@@ -48,10 +48,12 @@ from collections.abc import Callable
 from typing import Any
 
 from procsup import CancellationToken, CriticalTaskError, CriticalTaskExecutionHandle, Supervisor
-from procsup.demo import tasks as tasks
-from procsup.demo.runs import Plan, RunLog, Spec, classify, record, short
+from procsup.demo import tasks
+from procsup.demo.rows import Row, Sampler, mib
+from procsup.demo.runs import RunLog, classify, record, short
+from procsup.demo.spec import Plan, Spec
 from procsup.demo.stress import run_stress
-from procsup.demo.view import Row, Sampler, View, mib
+from procsup.demo.view import View
 
 __all__ = ["STRESS_TASKS", "STRESS_TASKS_SPAWN", "Cues", "Runner"]
 

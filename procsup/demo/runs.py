@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from procsup import (
@@ -29,39 +28,15 @@ from procsup import (
     TaskEvent,
     TaskPanickedError,
 )
-from procsup.demo.view import Row, View, mib
+from procsup.demo.rows import Row, mib
+from procsup.demo.spec import Spec
+from procsup.demo.view import View
 
-__all__ = ["Plan", "RunLog", "Spec", "classify", "record", "short"]
+__all__ = ["RunLog", "classify", "record", "short"]
 
 # Shown by record() itself, or not worth a line of their own.
 _COVERED = {"description", "pid", "exitcode", "signal", "stopped", "remote_traceback"}
 _COVERED |= {"peak_rss", "wall_time", "cpu_time"}
-
-
-@dataclass(frozen=True)
-class Spec:
-    """One task of a scenario: what runs, under which name, with which ``spawn()`` options."""
-
-    fn: Callable[..., Any]
-    description: str
-    args: tuple[Any, ...] = ()
-    options: dict[str, Any] = field(default_factory=dict)  # restart, max_restarts, period, ...
-
-    @property
-    def restart(self) -> str:
-        """The task's restart policy."""
-        return str(self.options.get("restart", "temporary"))
-
-    def policy(self) -> str:
-        """The restart policy and intensity, as they read in ``spawn()``."""
-        opts = self.options
-        return (
-            f"restart={self.restart!r}, max_restarts={opts['max_restarts']}, "
-            f"period={opts['period']:g} s"
-        )
-
-
-Plan = Callable[[str, str], list[Spec]]  # (scenario, start method) -> the scenario's tasks
 
 
 def short(error: BaseException) -> str:

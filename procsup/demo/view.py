@@ -1,25 +1,19 @@
-"""What the demo shows: task rows sampled from ``Supervisor.tasks()``, and three event printers.
+"""How the demo tells its story: the ``View`` interface, and the two views that need only stdlib.
 
 ::
 
     demo runner (event loop thread)
-      ├─ Sampler.sample(rows, sup.tasks()) every 0.25 s ── state, pid (across restarts), restarts,
-      │      RSS, CPU% from the snapshots; psutil adds what they lack: CPU time, peak RSS (VmHWM),
-      │      descendants (a nested task's sub-task)
-      ├─ view.status(rows) ──▶ RichView: a rich Live table redrawn in place (TTY, rich installed)
-      │                        PlainView: timestamped lines, one block per second
+      ├─ view.status(rows) ──▶ PlainView: timestamped lines, one block per second
       │                        JsonView: a "status" object per second
-      └─ view.event(kind, text, **fields) ──▶ a styled line / a timestamped line / one JSON object
+      │                        RichView (procsup.demo.rich_view): a rich Live table redrawn in place
+      ├─ view.refresh(rows) ─▶ a state changed: a live display redraws now
+      ├─ view.event(kind, text, **fields) ──▶ a timestamped line / one JSON object / a styled line
+      └─ view.summary(rows), view.close() ──▶ the final table; the live display stopped
 
-rich is optional (the ``demo`` extra): it is imported here only, and only when the output is a
-terminal; without it the plain view is used. The library never imports this module.
+Which one the demo uses is ``procsup.demo.output.make_view``'s choice.
 
 Things that don't work
 ----------------------
-- RSS as the peak (``TaskSnapshot.rss`` or psutil's): a sampled RSS misses a spike between samples;
-  the kernel's high-water mark (``VmHWM`` in ``/proc/<pid>/status``) does not.
-- ``Supervisor.tasks()`` alone: a task whose outcome is published leaves it, so a row keeps its
-  last sample; and it has no CPU time, peak RSS or descendants.
 - Printing from the tasks: they share the terminal, and under ``--json`` any stray line corrupts
   the stream; tasks report through their return value instead.
 """
@@ -28,127 +22,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
-from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
-import psutil
+from procsup.demo.rows import Row, mib
 
-if TYPE_CHECKING:
-    from procsup import TaskSnapshot
-
-__all__ = ["JsonView", "PlainView", "Row", "Sampler", "View", "make_view"]
+__all__ = ["JsonView", "PlainView", "View", "table_lines"]
 
 _STATUS_EVERY = 1.0  # seconds between status blocks in the line-oriented views
-
-
-@dataclass
-class Row:
-    """One task as the demo shows it, across its runs.
-
-    Invariants: ``ended`` is None until the final outcome (a process may live); ``pid`` is the
-    current or last run's; ``peak_rss`` is the highest of any run; ``cpu_time`` counts every run,
-    ``cpu_before`` the runs before the current one.
-    """
-
-    description: str
-    pid: int
-    started: float
-    state: str = "running"
-    ended: float | None = None
-    exitcode: int | None = None
-    restarts: int = 0
-    rss: int = 0
-    peak_rss: int = 0
-    cpu_percent: float = 0.0
-    cpu_time: float = 0.0
-    cpu_before: float = 0.0
-    detail: str = ""
-    subtasks: list[tuple[int, str, int]] = field(default_factory=list)  # (pid, name, rss)
-
-    def uptime(self, now: float) -> float:
-        """Seconds the task ran: until it ended, or until ``now``."""
-        return (self.ended if self.ended is not None else now) - self.started
-
-    def as_dict(self, now: float) -> dict[str, Any]:
-        """The row as JSON-ready fields."""
-        return {
-            "task": self.description,
-            "pid": self.pid,
-            "state": self.state,
-            "restarts": self.restarts,
-            "uptime": round(self.uptime(now), 3),
-            "rss": self.rss,
-            "peak_rss": self.peak_rss,
-            "cpu_percent": round(self.cpu_percent, 1),
-            "cpu_time": round(self.cpu_time, 3),
-            "exitcode": self.exitcode,
-            "subtasks": [{"pid": p, "name": n, "rss": r} for p, n, r in self.subtasks],
-        }
-
-
-def mib(size: int) -> str:
-    """``size`` bytes as "12.3 MiB"."""
-    return f"{size / 2**20:.1f} MiB"
-
-
-def _peak_rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-class Sampler:
-    """Samples live rows from ``Supervisor.tasks()`` and psutil; an ended row keeps its last sample.
-
-    Descendants are shown when their process name starts with ``prefix``: the demo's tasks name
-    themselves, and a forkserver's children share its command line, so that cannot tell a nested
-    task from multiprocessing's own helpers.
-    """
-
-    def __init__(self, prefix: str) -> None:
-        self._prefix = prefix
-        self._procs: dict[int, psutil.Process] = {}
-
-    def sample(self, rows: list[Row], snapshots: list[TaskSnapshot]) -> None:
-        """Refresh every row that has not ended from its snapshot (matched by description)."""
-        live = {snap.description: snap for snap in snapshots}
-        for row in rows:
-            snap = live.get(row.description)
-            if row.ended is not None or snap is None:  # ended, or its outcome is being published
-                continue
-            row.state, row.restarts = snap.state, snap.restarts
-            if snap.pid is None:  # waiting out its backoff
-                row.rss, row.cpu_percent, row.subtasks = 0, 0.0, []
-                continue
-            row.pid = snap.pid
-            # An exited, not yet reaped process reads as 0 bytes or None: keep the last figure.
-            row.rss = snap.rss or row.rss
-            row.cpu_percent = row.cpu_percent if snap.cpu_percent is None else snap.cpu_percent
-            self._psutil(row)
-
-    def _psutil(self, row: Row) -> None:
-        proc = self._procs.get(row.pid)
-        try:
-            if proc is None:
-                proc = self._procs[row.pid] = psutil.Process(row.pid)
-            with proc.oneshot():
-                times = proc.cpu_times()
-                row.cpu_time = row.cpu_before + times.user + times.system
-            row.peak_rss = max(row.peak_rss, _peak_rss(row.pid), row.rss)
-            row.subtasks = [
-                (child.pid, name, child.memory_info().rss)
-                for child in proc.children(recursive=True)
-                if (name := child.name()).startswith(self._prefix)
-            ]
-        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-            row.subtasks = []
 
 
 class View:
@@ -255,17 +136,3 @@ class PlainView(View):
         for line in table_lines(rows, self.now(), final=True):
             self._write(line)
         self._write("")
-
-
-def make_view(as_json: bool, stream: IO[str] | None = None) -> View:
-    """The JSON view if asked, the rich live view on a terminal with rich, else the plain view."""
-    out = sys.stdout if stream is None else stream
-    if as_json:
-        return JsonView(out)
-    if out.isatty():
-        try:
-            from procsup.demo.rich_view import RichView
-        except ImportError:  # the demo extra is not installed: degrade to plain lines
-            return PlainView(out)
-        return RichView(out)
-    return PlainView(out)
