@@ -259,6 +259,7 @@ def bench_stopped_holder(trials: int) -> list[Row]:
     churner.start()
     ready.wait()
     wake = []
+    arena = Arena.default()
     for target in targets:
         here.recv_bytes()
         _stop_inside_the_lock(churner.pid)
@@ -267,6 +268,11 @@ def bench_stopped_holder(trials: int) -> list[Row]:
         here.recv_bytes()
         wake.append((time.perf_counter() - start) * 1e3)
         os.kill(churner.pid, signal.SIGCONT)
+        # Until the request is carried out: on a loaded machine the churner may not run at all
+        # before the next trial stops it again, and once 64 requests wait, the next cancel()
+        # waits for the lock that only our SIGCONT could free (the documented limit).
+        while not arena.settle():
+            time.sleep(0.0001)
     waiter.join()
     churner.kill()
     churner.join()
@@ -433,7 +439,7 @@ def _thread_cpu(native_id: int) -> float:
 def bench_idle_supervisor(count: int, seconds: float) -> Row:
     with Supervisor() as sup:
         handles = [sup.spawn(bench_tasks.idle, f"idle {i}") for i in range(count)]
-        monitor = sup._monitor
+        monitor = sup._backend._monitor
         assert monitor is not None
         assert monitor._thread.native_id is not None
         native_id = monitor._thread.native_id

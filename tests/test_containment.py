@@ -23,11 +23,8 @@ from procsup import (
     Supervisor,
     TaskCrashedError,
 )
-from procsup._os import proc as _platform
 from procsup._os import tree as _contain
 from procsup._supervision import launch as _launch
-from procsup._supervision import monitor as _monitor
-from procsup._supervision import supervisor as _supervisor
 from tests import contain_tasks, tasks
 from tests.conftest import process_gone
 from tests.tasks import DEADLINE
@@ -323,20 +320,24 @@ def unkillable(
     assert reader.poll(DEADLINE)
     descendants = reader.recv()
 
-    def resist(pid: int, signum: int = signal.SIGKILL) -> None:
-        os.kill(pid, signal.SIGSTOP)
+    kill_trees = _contain.kill_trees
 
-    monkeypatch.setattr(_contain, "kill_tree", resist)
-    monkeypatch.setattr(_monitor, "KILL_WAIT", 0.2)
-    monkeypatch.setattr(_supervisor, "KILL_WAIT", 0.2)
+    def resist(roots: list[psutil.Process]) -> None:  # the task resists, a fork shim does not
+        for root in roots:
+            if root.pid == handle.pid:
+                os.kill(root.pid, signal.SIGSTOP)
+            else:
+                kill_trees([root])
+
+    monkeypatch.setattr(_contain, "kill_trees", resist)
+    monkeypatch.setattr(_contain, "KILL_WAIT", 0.2)
     yield handle
     assert not handle.is_finished()
     os.kill(handle.pid, signal.SIGKILL)
     with pytest.raises(TaskCrashedError, match="stopped on request"):
         handle.join(DEADLINE)
     if runtime.closed:  # shut down while the task was stuck: the thread ends once it is reaped
-        assert runtime._monitor is not None
-        assert runtime._monitor.close(DEADLINE)
+        assert runtime._backend.join(DEADLINE)
     _kill(descendants)
     assert all(process_gone(pid, DEADLINE) for pid in descendants)
 
@@ -370,17 +371,17 @@ def test_ctrl_c_before_the_supervision_thread_has_the_task_leaves_nothing(
     def interrupted(*args: Any) -> None:
         raise KeyboardInterrupt
 
-    signal_tree = _platform.signal_tree
+    kill_tree = _contain.kill_tree
     calls: list[int] = []
 
-    def interrupted_once(pid: int, signum: int) -> None:
+    def interrupted_once(pid: int, signum: int = signal.SIGKILL) -> None:
         calls.append(pid)
         if len(calls) == 1:
             raise KeyboardInterrupt
-        signal_tree(pid, signum)
+        kill_tree(pid, signum)
 
     monkeypatch.setattr(_launch, "TaskRecord", interrupted)
-    monkeypatch.setattr(_platform, "signal_tree", interrupted_once)
+    monkeypatch.setattr(_contain, "kill_tree", interrupted_once)
     with Supervisor(start_method=start_method) as sup, pytest.raises(KeyboardInterrupt):
         sup.spawn(tasks.return_value, "interrupted", args=(1,))
     assert len(calls) == 2

@@ -340,5 +340,5 @@ def test_bad_options_raise_before_any_process_starts(
     with pytest.raises(error):
         sup.spawn(tasks.return_value, "bad", args=(1,), **options)
     assert {p.pid for p in psutil.Process().children()} == before
-    assert sup._monitor is None  # not even the supervision thread was started
+    assert not sup._backend.booted  # not even the supervision thread was started
     sup.shutdown()

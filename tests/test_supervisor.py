@@ -161,7 +161,7 @@ def test_bad_input_raises_at_once(
     before = psutil.Process().children(recursive=True)
     with pytest.raises(error, match=message):
         CriticalTaskExecutionHandle(**call)
-    assert runtime._monitor is None  # no supervision thread either
+    assert not runtime._backend.booted  # no supervision thread either
     assert psutil.Process().children(recursive=True) == before
 
 
@@ -173,7 +173,7 @@ def test_unimportable_task(runtime: Supervisor, fn: Callable[[CancellationToken]
         return
     with pytest.raises(TypeError, match=r"must be importable.*defined at module level"):
         runtime.spawn(fn, "inline")
-    assert runtime._monitor is None
+    assert not runtime._backend.booted
 
 
 def test_unpicklable_args_start_nothing(runtime: Supervisor) -> None:
@@ -258,5 +258,6 @@ def test_monitor_lost(runtime: Supervisor, monkeypatch: pytest.MonkeyPatch) -> N
         handle.join(DEADLINE)
     assert runtime.closed
     task = handle._task
+    assert isinstance(task, TaskRecord)
     task.proc.join(DEADLINE)  # nobody reaps for a dead monitor: clean up by hand
     task.release()

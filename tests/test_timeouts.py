@@ -232,7 +232,7 @@ def test_spawn_timeout(sup: Supervisor, timeout: Any, means: Any) -> None:
     if isinstance(means, type):
         with pytest.raises(means, match="timeout"):
             sup.spawn(tasks.token_state, "bad", timeout=timeout)
-        assert sup._monitor is None  # no process, not even the supervision thread
+        assert not sup._backend.booted  # no process, not even the supervision thread
         return
     h = sup.spawn(tasks.token_state, "timed", timeout=timeout)
     if means == FOREVER:

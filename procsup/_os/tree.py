@@ -2,7 +2,7 @@
 
 ::
 
-    task process (first thing in _task.main)     supervisor / zygote
+    task process (first thing in entry.main)     supervisor / zygote
     ────────────────────────────────────────     ───────────────────
     PR_SET_CHILD_SUBREAPER: orphans of its        kill_tree(pid): freeze the tree with SIGSTOP,
       descendants (setsid() ones included)          walking it again until no new process
@@ -54,6 +54,7 @@ from procsup._os import proc as _platform
 __all__ = [
     "KILL_AFTER",
     "KILL_WAIT",
+    "REAP_DEADLINE",
     "ExitInfo",
     "Ladder",
     "Rung",
@@ -71,6 +72,7 @@ logger = logging.getLogger("procsup")
 _FREEZE_ROUNDS = 16  # walks before giving up on freezing a tree that keeps growing
 KILL_AFTER = 1.0  # seconds between SIGTERM and SIGKILL
 KILL_WAIT = 3.0  # seconds after SIGKILL before a survivor is reported (a process in D state)
+REAP_DEADLINE = 30.0  # after SIGKILL; only a process stuck in the kernel (D state) takes longer
 
 
 @dataclass(frozen=True)
@@ -286,12 +288,9 @@ class Ladder:
         self,
         rungs: Iterable[Rung],
         grace: float | None,
-        *,
-        kill_after: float = KILL_AFTER,
-        kill_wait: float = KILL_WAIT,
     ) -> None:
         self._rungs = list(rungs)
-        self._waits = (grace, kill_after, kill_wait)
+        self._waits = (grace, KILL_AFTER, KILL_WAIT)
         self._stage = 0  # the next action: 0 cancel, 1 SIGTERM, 2 SIGKILL, 3 report, 4 finished
         self._due = 0.0
         self.done: concurrent.futures.Future[list[str]] = concurrent.futures.Future()
@@ -302,11 +301,11 @@ class Ladder:
         now = time.monotonic() if now is None else now
         while self._stage < 4:
             live = [rung for rung in self._rungs if not rung.exited()]
-            if self._stage > 0 and not live:
+            if not live and (self._stage > 0 or not self._rungs):
                 self._finish([])
                 break
             if now < self._due:
-                return self._due
+                return None if math.isinf(self._due) else self._due
             if self._stage == 0:
                 for rung in self._rungs:
                     rung.cancel()

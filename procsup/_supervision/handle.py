@@ -1,9 +1,14 @@
 """CriticalTaskExecutionHandle: the caller's side of one critical task in one child process.
 
-The handle is a thin view on a supervisor's record of the task
-(``procsup._supervision.supervisor._Task``): the outcome is decided, the parent token cancelled and
-the process reaped by the supervisor thread, whether or not anybody holds the handle. What the
-handle adds is the seed's contract with its caller: ``join()`` or ``detach()`` before letting go.
+The handle is a thin view on the task's ``Lifecycle`` (``procsup._supervision.lifecycle``): the
+outcome is decided, the parent token cancelled and the process reaped by the supervision thread,
+whether or not anybody holds the handle. What the handle adds is the seed's contract with its
+caller: ``join()`` or ``detach()`` before letting go.
+
+A handle runs under a ``Runtime``: anything that makes a task's ``Lifecycle`` (``Supervisor``,
+and the Ray supervisor next). The default one, the process-wide ``default_supervisor()``, is
+named by ``procsup._supervision.supervisor`` when it is imported (``set_default_runtime``): the
+handle sits below the supervisor, which returns handles from ``spawn()``.
 
 Things that don't work
 ----------------------
@@ -19,20 +24,43 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Generic, Protocol, TypeVar, overload, runtime_checkable
 
 from procsup._os.timeouts import check_timeout
+from procsup._os.tree import REAP_DEADLINE
 from procsup._outcome.errors import CriticalTaskError, NotDetachedError
 from procsup._supervision.lifecycle import Lifecycle
-from procsup._supervision.monitor import REAP_DEADLINE, TaskRecord, escalate
-from procsup._supervision.supervisor import Supervisor, default_supervisor
+from procsup._supervision.runtime import Run
 from procsup._token.token import CancellationToken
 
-__all__ = ["CriticalTaskExecutionHandle"]
+__all__ = ["CriticalTaskExecutionHandle", "Runtime", "set_default_runtime"]
 
 T = TypeVar("T")
 
 _NOT_DETACHED = "Critical task was not detached prior to drop!"
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """What a handle runs under: it makes a task's ``Lifecycle`` and starts its first run."""
+
+    def _launch(
+        self,
+        task_fn: Callable[..., Any],
+        parent: CancellationToken,
+        description: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any] | None,
+    ) -> Lifecycle: ...
+
+
+_default_runtime: Callable[[], Runtime] | None = None
+
+
+def set_default_runtime(factory: Callable[[], Runtime]) -> None:
+    """Name the runtime of handles made with ``runtime=None`` (the default supervisor)."""
+    global _default_runtime
+    _default_runtime = factory
 
 
 class CriticalTaskExecutionHandle(Generic[T]):
@@ -77,7 +105,7 @@ class CriticalTaskExecutionHandle(Generic[T]):
         description: str,
         args: tuple[Any, ...] = (),
         kwargs: Mapping[str, Any] | None = None,
-        runtime: Supervisor | None = None,
+        runtime: Runtime | None = None,
     ) -> None: ...
 
     @overload
@@ -88,7 +116,7 @@ class CriticalTaskExecutionHandle(Generic[T]):
         description: str,
         args: tuple[Any, ...] = (),
         kwargs: Mapping[str, Any] | None = None,
-        runtime: Supervisor | None = None,
+        runtime: Runtime | None = None,
     ) -> None: ...
 
     def __init__(
@@ -98,13 +126,15 @@ class CriticalTaskExecutionHandle(Generic[T]):
         description: str,
         args: tuple[Any, ...] = (),
         kwargs: Mapping[str, Any] | None = None,
-        runtime: Supervisor | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
         self._detached = True  # until the task exists, there is nothing to report on drop
-        if runtime is not None and not isinstance(runtime, Supervisor):
+        if runtime is not None and not isinstance(runtime, Runtime):
             raise TypeError(f"runtime must be a Supervisor or None, not {type(runtime).__name__}")
-        sup = default_supervisor() if runtime is None else runtime
-        self._life: Lifecycle = sup._launch(task_fn, parent_token, description, args, kwargs)
+        if runtime is None:
+            assert _default_runtime is not None, "procsup._supervision.supervisor names it"
+            runtime = _default_runtime()
+        self._life: Lifecycle = runtime._launch(task_fn, parent_token, description, args, kwargs)
         self._detached = False
 
     @classmethod
@@ -116,7 +146,7 @@ class CriticalTaskExecutionHandle(Generic[T]):
         return handle
 
     @property
-    def _task(self) -> TaskRecord:
+    def _task(self) -> Run:
         """The current (or last) run."""
         record = self._life.record
         assert record is not None, "a handle exists only once its first run has started"
@@ -140,7 +170,7 @@ class CriticalTaskExecutionHandle(Generic[T]):
         task_fn: Callable[..., Any],
         parent_token: CancellationToken,
         description: str,
-        runtime: Supervisor,
+        runtime: Runtime,
         args: tuple[Any, ...] = (),
         kwargs: Mapping[str, Any] | None = None,
     ) -> CriticalTaskExecutionHandle[Any]:
@@ -178,7 +208,7 @@ class CriticalTaskExecutionHandle(Generic[T]):
 
     def is_cancelled(self) -> bool:
         """Return True if the task's own token is cancelled (by ``cancel()`` or an ancestor)."""
-        return self._task.token.is_cancelled()
+        return self._task.spec.token.is_cancelled()
 
     def cancel(self) -> None:
         """Ask the task to stop by cancelling its token; never cancels the parent. Idempotent.
@@ -238,12 +268,8 @@ class CriticalTaskExecutionHandle(Generic[T]):
 
         wait = check_timeout(timeout)
         self._detached = True
-        self._life.cancel(f"Critical task '{self.description}' stop requested")
-        future = asyncio.wrap_future(self._life.future)
-        done, _ = await asyncio.wait([future], timeout=wait)
-        if not done:
-            await asyncio.to_thread(self._escalate, timeout)
-        return await future  # type: ignore[no-any-return]
+        self._life.stop(*self._stop_reasons(timeout), wait)
+        return await asyncio.wrap_future(self._life.future)
 
     def detach(self) -> None:
         """Let the handle go: the task keeps running, supervised; its parent is still cancelled if
@@ -251,8 +277,8 @@ class CriticalTaskExecutionHandle(Generic[T]):
         self._detached = True
 
     def stop(self, timeout: float | None = 5.0) -> T:
-        """Cancel the task, wait ``timeout`` seconds, then SIGTERM and (a second later) SIGKILL its
-        whole process tree; return or raise like ``join()``.
+        """Cancel the task, wait ``timeout`` seconds, then SIGTERM and (a second later) freeze and
+        SIGKILL its whole process tree; return or raise like ``join()``.
 
         Args:
             timeout: Seconds the task gets to honour cancellation; None (or ``math.inf``) waits
@@ -269,25 +295,29 @@ class CriticalTaskExecutionHandle(Generic[T]):
         """
         wait = check_timeout(timeout)
         self._detached = True
-        self._life.cancel(f"Critical task '{self.description}' stop requested")
-        if concurrent.futures.wait([self._life.future], wait).not_done:
-            stuck = self._escalate(timeout)
-            if stuck and not self._life.future.done():
+        life = self._life
+        ladder = life.stop(*self._stop_reasons(timeout), wait)
+        # Again if a restart was under way: its run is stopped too, on a ladder of its own.
+        while ladder is not None and not life.future.done():
+            concurrent.futures.wait([life.future, ladder.done], return_when="FIRST_COMPLETED")
+            if life.future.done() or not ladder.done.done():
+                break
+            stuck = ladder.done.result()
+            if stuck:
                 raise TimeoutError(
                     f"stop(): {'; '.join(stuck)}; it stays supervised, and its outcome is "
                     "published if it ever dies"
                 )
+            if life.ladder is ladder:  # every process of it has exited: the outcome is on its way
+                break
+            ladder = life.ladder
         return self.join(REAP_DEADLINE)
 
-    def _escalate(self, timeout: float | None) -> list[str]:
-        """SIGTERM, then SIGKILL the tree; return what /proc says of a task that survived that."""
-        record = None
-        stuck: list[str] = []
-        # Again if a restart was under way: its run is born cancelled, but may ignore it too.
-        while not self._life.future.done() and self._life.record is not record:
-            record = self._task
-            stuck = escalate([record], f"it did not honour cancellation within {timeout} s")
-        return stuck
+    def _stop_reasons(self, timeout: float | None) -> tuple[str, str]:
+        return (
+            f"Critical task '{self.description}' stop requested",
+            f"it did not honour cancellation within {timeout} s",
+        )
 
     def __enter__(self) -> CriticalTaskExecutionHandle[T]:
         return self
@@ -321,5 +351,5 @@ class CriticalTaskExecutionHandle(Generic[T]):
         if self._life.future.done():
             state = f"finished, exitcode={task.exitcode}"
         else:
-            state = "cancelled" if task.token.is_cancelled() else "running"
-        return f"<CriticalTaskExecutionHandle {task.description!r} pid={task.pid} {state}>"
+            state = "cancelled" if task.spec.token.is_cancelled() else "running"
+        return f"<CriticalTaskExecutionHandle {self.description!r} pid={task.pid} {state}>"

@@ -2,14 +2,14 @@
 
 ::
 
-    spawn() ─▶ Lifecycle.start() ─▶ Supervisor._start() ─▶ run 1 (TaskRecord, fresh child token)
+    spawn() ─▶ Lifecycle.start() ─▶ backend.start(RunSpec) ─▶ run 1 (a Run, fresh child token)
                                                               │ outcome published (monitor thread)
                                   Lifecycle._ended() ◀────────┘ event: finished, cancelled, ...
                                     temporary, or stopped, cancelled, shut down ─▶ final outcome
                                     transient + returned                        ─▶ final outcome
                                     more than max_restarts within period        ─▶ cancel parent
                                                                                    ("escalated")
-                                    else: Timers.call_later(backoff) ─▶ _restart() ─▶ run 2 ...
+                                    else: backend.call_later(backoff) ─▶ _restart() ─▶ run 2 ...
     handle.join() ◀── Lifecycle.future: set once, with the final outcome only
 
 Policies (OTP ``restart`` values): ``temporary`` runs once, and a failure cancels the parent (the
@@ -28,9 +28,12 @@ Things that don't work
   escalate) all the same. Decisions are made in the outcome's done-callback, on the supervision
   thread, and the restart is a timer on that thread's heap (``procsup._supervision.timers``): no
 sleep there. - Reusing the first run's token: a cancelled token stays cancelled. Each run gets
-  ``parent.child_token()``, made by ``Supervisor._start`` like the first.
-- ``escalate()`` for timeouts on the supervision thread: it waits for the outcome that thread
-  itself publishes. The timeout's SIGTERM and SIGKILL are timers too.
+  ``parent.child_token()``, made here (``_spec()``) like the first.
+- Waiting for a timed-out run's end on the supervision thread: that thread publishes it. A
+  timeout starts the backend's ladder (``backend.stop(failure=True)``), which steps on timers.
+
+Everything this module knows of processes is the runtime protocol
+(``procsup._supervision.runtime``): the same code supervises local processes and Ray actors.
 """
 
 from __future__ import annotations
@@ -40,26 +43,18 @@ import concurrent.futures
 import functools
 import logging
 import random
-import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import psutil
-
-from procsup._os import proc as _platform
+from procsup._os.tree import Ladder
 from procsup._outcome.errors import CriticalTaskError, TaskCrashedError
-from procsup._supervision.monitor import _KILL_AFTER as KILL_AFTER
-from procsup._supervision.monitor import TaskRecord
 from procsup._supervision.options import TaskOptions
-from procsup._supervision.status import EventKind, TaskEvent, TaskSnapshot, TaskState
+from procsup._supervision.runtime import Backend, Run, RunSpec
+from procsup._supervision.status import EventKind, StatusHub, TaskEvent, TaskSnapshot, TaskState
 from procsup._supervision.timers import Timer
-from procsup._token.token import lock_is_free
-
-if TYPE_CHECKING:
-    from procsup._supervision.supervisor import Supervisor
-    from procsup._token.token import CancellationToken
+from procsup._token.token import CancellationToken, lock_is_free
 
 __all__ = ["Lifecycle"]
 
@@ -80,7 +75,8 @@ class Lifecycle:
 
     def __init__(
         self,
-        sup: Supervisor,
+        backend: Backend,
+        status: StatusHub,
         task_fn: Callable[..., Any],
         parent: CancellationToken,
         description: str,
@@ -88,7 +84,8 @@ class Lifecycle:
         kwargs: Mapping[str, Any] | None,
         options: TaskOptions,
     ) -> None:
-        self.sup = sup
+        self.backend = backend
+        self.status = status
         self.task_fn = task_fn
         self.parent = parent
         self.description = description
@@ -96,7 +93,7 @@ class Lifecycle:
         self.kwargs = kwargs
         self.options = options
         self.lock = threading.Lock()
-        self.record: TaskRecord | None = None
+        self.record: Run | None = None
         self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self.future.set_running_or_notify_cancel()
         self.restarts = 0
@@ -108,35 +105,53 @@ class Lifecycle:
         self._pending: Timer | None = None
         self._deadline: Timer | None = None
         self._started = 0.0
-        self._ps: psutil.Process | None = None
+        self._stop: tuple[str, str, float | None] | None = None  # stop()'s reasons and grace
+        self.ladder: Ladder | None = None  # stopping the current run, once stop() was called
 
     # ---------------------------------------------------------------- runs
 
-    def start(self) -> None:
-        """Start the first run in the caller's thread; raises as ``Supervisor._start`` does."""
-        record = self.sup._start(
-            self.task_fn, self.parent, self.description, self.args, self.kwargs, self.options
+    def _spec(self) -> RunSpec:
+        """The next run: its own token, a child of the parent (born cancelled if it has no time
+        at all, as a wait of 0 polls)."""
+        token = self.parent.child_token()
+        if self.options.timeout == 0:
+            token.cancel(f"Critical task '{self.description}' timed out after 0 s")
+        return RunSpec(
+            task_fn=self.task_fn,
+            description=self.description,
+            args=tuple(self.args),
+            kwargs=dict(self.kwargs or {}),
+            parent=self.parent,
+            token=token,
+            options=self.options,
+            cancels_parent=not self.options.restarts,
         )
+
+    def start(self) -> None:
+        """Start the first run in the caller's thread; raises as ``Backend.start`` does."""
+        record = self.backend.start(self._spec())
         if not self.options.restarts:
             self.future = record.future  # no second run: join() waits on the run itself
-        self.sup._status.register(self)
+        self.status.register(self)
         self._began(record, "started")
 
-    def _began(self, record: TaskRecord, kind: EventKind) -> None:
+    def _began(self, record: Run, kind: EventKind) -> None:
         with self.lock:
             self.record = record
             self._started = time.monotonic()
-            if self._stopping:  # cancelled while this run was being started
-                record.token.cancel(f"Critical task '{self.description}' was cancelled")
+            stop = self._stop if self._stopping else None
+            if self._stopping and stop is None:  # cancelled while this run was being started
+                record.spec.token.cancel(f"Critical task '{self.description}' was cancelled")
+        if stop is not None:  # stopped while this run was being started: stop it too
+            self.ladder = self.backend.stop([record], stop[2], stop[0], stop[1])
         self._emit(kind, record.pid)
         if self.options.timeout is not None:
-            timers = self.sup._timers()
-            self._deadline = timers.call_later(
+            self._deadline = self.backend.call_later(
                 self.options.timeout, functools.partial(self._timed_out, record)
             )
         record.future.add_done_callback(functools.partial(self._ended, record))
 
-    def _ended(self, record: TaskRecord, future: concurrent.futures.Future[Any]) -> None:
+    def _ended(self, record: Run, future: concurrent.futures.Future[Any]) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
         error = future.exception()
@@ -150,7 +165,7 @@ class Lifecycle:
                 or self._stopping
                 or _stopped(error)
                 or self.parent.is_cancelled()
-                or self.sup.closed
+                or self.backend.closed
                 or (self.options.restart == "transient" and error is None)
             )
             if final and self.options.restarts:
@@ -190,7 +205,7 @@ class Lifecycle:
             if self._stopping:  # cancelled meanwhile
                 final = True
             else:
-                self._pending = self.sup._timers().call_later(delay, self._restart)
+                self._pending = self.backend.call_later(delay, self._restart)
         if final:
             self._publish()
 
@@ -199,7 +214,7 @@ class Lifecycle:
         with self.lock:
             self._pending = None
             # The parent may have been cancelled during the backoff: a run would be born cancelled.
-            stop = self._stopping or self.sup.closed or self.parent.is_cancelled()
+            stop = self._stopping or self.backend.closed or self.parent.is_cancelled()
             if stop:
                 self._stopping = True
         if stop:
@@ -211,18 +226,16 @@ class Lifecycle:
             # meanwhile. Look again shortly instead.
             with self.lock:
                 if not self._stopping:
-                    self._pending = self.sup._timers().call_later(_LOCK_RETRY, self._restart)
+                    self._pending = self.backend.call_later(_LOCK_RETRY, self._restart)
                     return
             self._publish()
             return
         try:
-            record = self.sup._start(
-                self.task_fn, self.parent, self.description, self.args, self.kwargs, self.options
-            )
+            record = self.backend.start(self._spec())
         except Exception as exc:  # shut down meanwhile, or the start failed (logged)
             with self.lock:
                 self._stopping = True
-            if not self.sup.closed:
+            if not self.backend.closed:
                 error = CriticalTaskError(
                     f"Critical task '{self.description}' could not be restarted: {exc}",
                     description=self.description,
@@ -270,7 +283,7 @@ class Lifecycle:
         self._finished()
 
     def _finished(self) -> None:
-        self.sup._status.forget(self)
+        self.status.forget(self)
 
     # ---------------------------------------------------------------- from the handle
 
@@ -284,33 +297,41 @@ class Lifecycle:
             pending.cancel()
             self._publish()
         if record is not None:
-            record.token.cancel(reason)
+            record.spec.token.cancel(reason)
+
+    def stop(self, cancel_reason: str, stop_reason: str, grace: float | None) -> Ladder | None:
+        """No further run; the current one goes down the backend's ladder: its token is
+        cancelled, and after ``grace`` seconds (None: never) its tree is signalled, SIGTERM then
+        SIGKILL, as stopped on request. A run that starts meanwhile is stopped the same way.
+        Returns the current run's ladder (None before the first run)."""
+        with self.lock:
+            self._stopping = True
+            self._stop = (cancel_reason, stop_reason, grace)
+            record = self.record
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+            self._publish()
+        if record is None:
+            return None
+        self.ladder = self.backend.stop([record], grace, cancel_reason, stop_reason)
+        return self.ladder
 
     # ---------------------------------------------------------------- timeouts
 
-    def _timed_out(self, record: TaskRecord) -> None:
+    def _timed_out(self, record: Run) -> None:
         if record.future.done():
             return
-        timeout, grace = self.options.timeout, self.sup.grace_period
-        record.token.cancel(f"Critical task '{self.description}' timed out after {timeout:g} s")
-        reason = (
+        timeout, grace = self.options.timeout, self.backend.grace_period
+        assert timeout is not None
+        self.backend.stop(
+            [record],
+            grace,
+            f"Critical task '{self.description}' timed out after {timeout:g} s",
             f"it exceeded its timeout of {timeout:g} s and did not honour cancellation "
-            f"within {grace:g} s"
+            f"within {grace:g} s",
+            failure=True,
         )
-        self._deadline = self.sup._timers().call_later(
-            grace, functools.partial(self._kill, record, signal.SIGTERM, reason)
-        )
-
-    def _kill(self, record: TaskRecord, signum: int, reason: str) -> None:
-        with record.lock:
-            if record.exited:
-                return
-            record.limit_reason = reason
-            _platform.signal_tree(record.pid, signum)
-        if signum == signal.SIGTERM:
-            self._deadline = self.sup._timers().call_later(
-                KILL_AFTER, functools.partial(self._kill, record, signal.SIGKILL, reason)
-            )
 
     # ---------------------------------------------------------------- status
 
@@ -331,7 +352,7 @@ class Lifecycle:
         if err is not None and not detail:
             detail = str(err).splitlines()[0]
         event = TaskEvent(kind, self.description, pid, self.restarts, time.time(), err, detail)
-        self.sup._status.emit(event)
+        self.status.emit(event)
 
     def snapshot(self) -> TaskSnapshot:
         """The task now, for ``Supervisor.tasks()``."""
@@ -341,34 +362,24 @@ class Lifecycle:
             restarts = self.restarts
             return TaskSnapshot(self.description, None, "restarting", 0.0, restarts, None, None)
         state: TaskState = "running"
-        if record.stop_reason is not None or record.limit_reason is not None:
+        if record.signalled:
             state = "stopping"
-        elif record.token.is_cancelled():
+        elif record.spec.token.is_cancelled():
             state = "cancelling"
+        facts = record.facts()
         uptime = time.monotonic() - started
-        rss = cpu = None
-        try:
-            proc = self._ps
-            if proc is None or proc.pid != record.pid:
-                proc = self._ps = psutil.Process(record.pid)
-                times = proc.cpu_times()
-                proc.cpu_percent(None)  # the baseline for the next call
-                cpu = 100.0 * (times.user + times.system) / max(uptime, 1e-3)
-            else:
-                cpu = proc.cpu_percent(None)
-            rss = proc.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-        return TaskSnapshot(self.description, record.pid, state, uptime, self.restarts, rss, cpu)
+        return TaskSnapshot(
+            self.description, record.pid, state, uptime, self.restarts, facts.rss, facts.cpu_percent
+        )
 
 
 def _stopped(error: BaseException | None) -> bool:
     return isinstance(error, TaskCrashedError) and error.stopped
 
 
-def _classify(record: TaskRecord, error: BaseException | None) -> EventKind:
+def _classify(record: Run, error: BaseException | None) -> EventKind:
     if error is None:
-        return "cancelled" if record.token.is_cancelled() else "finished"
+        return "cancelled" if record.spec.token.is_cancelled() else "finished"
     if isinstance(error, TaskCrashedError):
         return "cancelled" if error.stopped else "crashed"
     return "failed"

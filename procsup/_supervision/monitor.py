@@ -2,7 +2,7 @@
 
 ::
 
-    Supervisor._start()                      Monitor thread
+    LocalBackend.start() ─ launch()          Monitor thread
     ───────────────────                      ──────────────
     TaskRecord(proc, conn, exit_fd) ─▶ add() ─▶ pending + wake-up byte
                                              selector.select() blocks on
@@ -43,14 +43,15 @@ import contextlib
 import logging
 import os
 import select
-import signal
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from procsup._os import proc as _platform
+import psutil
+
 from procsup._os import tree as _contain
+from procsup._os.tree import ExitInfo
 from procsup._outcome import crash as _crash
 from procsup._outcome import remote as _remote
 from procsup._outcome.errors import (
@@ -60,26 +61,18 @@ from procsup._outcome.errors import (
     TaskPanickedError,
 )
 from procsup._process.guardian import drain
+from procsup._process.stdio import StderrTap
+from procsup._process.zygote import ForkProcess, Shim, ZygoteProcess
+from procsup._supervision.runtime import Facts, RunSpec
 from procsup._supervision.timers import Timers
 from procsup._token.token import prune
 
-if TYPE_CHECKING:
-    from multiprocessing.process import BaseProcess
-
-    from procsup._os.tree import ExitInfo
-    from procsup._process.stdio import StderrTap
-    from procsup._process.zygote import Shim
-    from procsup._token.token import CancellationToken
-
-__all__ = ["KILL_WAIT", "REAP_DEADLINE", "Channel", "Monitor", "TaskRecord", "escalate"]
+__all__ = ["Channel", "Monitor", "TaskRecord"]
 
 logger = logging.getLogger("procsup")
 
 _READ_CHUNK = 1 << 20
 _READS_PER_WAKE = 16  # bounded so one chatty pipe cannot starve the other tasks' deaths
-_KILL_AFTER = 1.0  # seconds between SIGTERM and SIGKILL when escalating
-REAP_DEADLINE = 30.0  # after SIGKILL; only a process stuck in the kernel (D state) takes longer
-KILL_WAIT = 3.0  # seconds stop() and shutdown() wait after SIGKILL before reporting a stuck process
 _MONITOR_LOST = "Critical task monitor was cancelled"
 _DRAIN_BUDGET = 1024  # reads per channel at exit: a grandchild still writing cannot hold us up
 
@@ -97,7 +90,7 @@ class Channel(Protocol):
 
 
 class TaskRecord:
-    """Supervisor-side record of one task process.
+    """The local backend's record of one run, one task process: a ``runtime.Run``.
 
     Invariants:
         future: RUNNING until the outcome is published, then done; never cancelled. Published only
@@ -108,31 +101,26 @@ class TaskRecord:
         conn: open (and, once adopted, registered) until EOF or reaping; only the thread reads it.
         exited: set under ``lock`` by the thread before it reaps, so a signal sent under ``lock``
             never reaches a recycled pid.
-        stop_reason: None, or why procsup escalated to signals (then a crash is a "stop").
-        limit_reason: None, or which limit procsup killed the task for (a timeout); unlike a stop,
+        stop_reason: None, or why a ladder signalled the run on request (then a crash is a stop).
+        limit_reason: None, or which limit a ladder killed the run for (a timeout); unlike a stop,
             that crash is a failure and cancels the parent.
-        cancels_parent: False for a task whose restart policy decides
-        (``procsup._supervision.lifecycle``). channels: the task's log and output pipes still open;
-        closed before the outcome is out. stderr: the task's stderr pipe (also among ``channels``
-        while open), kept for its tail. started: ``time.monotonic()`` when the record was made, just
-        after the process started. info: None until reaped; then how the process ended
-        (``procsup._os.tree.ExitInfo``). exitcode: None until reaped.
+        channels: the task's log and output pipes still open; closed before the outcome is out.
+        stderr: the task's stderr pipe (also among ``channels`` while open), kept for its tail.
+        started: ``time.monotonic()`` when the record was made, just after the process started.
+        info: None until reaped; then how the process ended (``procsup._os.tree.ExitInfo``).
+        exitcode: None until reaped.
     """
 
     def __init__(
-        self,
-        description: str,
-        proc: BaseProcess,
-        token: CancellationToken,
-        parent: CancellationToken,
-        conn: Connection,
-        exit_fd: int,
+        self, spec: RunSpec, proc: ForkProcess | ZygoteProcess, conn: Connection, exit_fd: int
     ) -> None:
-        self.description = description
+        self.spec = spec
+        self.description = spec.description
+        self.token = spec.token
+        self.parent = spec.parent
+        self.cancels_parent = spec.cancels_parent
         self.proc = proc
         self.pid: int = proc.pid or 0
-        self.token = token
-        self.parent = parent
         self.conn: Connection | None = conn
         self.exit_fd = exit_fd
         self.reader = _remote.FrameReader()
@@ -143,17 +131,40 @@ class TaskRecord:
         self.exited = False
         self.stop_reason: str | None = None
         self.limit_reason: str | None = None
-        self.cancels_parent = True
         self.channels: list[Channel] = []
         self.stderr: StderrTap | None = None
         self.started = time.monotonic()
         self.info: ExitInfo | None = None
         self.exitcode: int | None = None
+        self._ps: psutil.Process | None = None  # for cpu_percent between two facts()
 
     @property
     def received(self) -> int:
         """Bytes of the result frame read so far (for the crash record)."""
         return self.reader.received
+
+    @property
+    def signalled(self) -> bool:
+        """True once a ladder has signalled the run (a stop, or a timeout's kill)."""
+        return self.stop_reason is not None or self.limit_reason is not None
+
+    def facts(self) -> Facts:
+        """The process's pid, RSS and CPU use now (``Supervisor.tasks()``)."""
+        rss = cpu = None
+        try:
+            proc = self._ps
+            if proc is None:
+                proc = self._ps = psutil.Process(self.pid)
+                times = proc.cpu_times()
+                proc.cpu_percent(None)  # the baseline for the next call
+                uptime = time.monotonic() - self.started
+                cpu = 100.0 * (times.user + times.system) / max(uptime, 1e-3)
+            else:
+                cpu = proc.cpu_percent(None)
+            rss = proc.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+        return Facts(self.pid, rss, cpu)
 
     def release(self) -> None:
         """Close every fd the record holds (idempotent); the process must be reaped first."""
@@ -164,35 +175,6 @@ class TaskRecord:
             self.conn.close()
             self.conn = None
         self.proc.close()
-
-
-def escalate(tasks: list[TaskRecord], reason: str) -> list[str]:
-    """SIGTERM each task's process tree, give them ``_KILL_AFTER`` seconds, then SIGKILL the rest
-    (trees frozen first, ``procsup._os.tree.kill_tree``) and give them ``KILL_WAIT`` seconds.
-
-    ``reason`` completes "was stopped on request: ..." in the task's ``TaskCrashedError``. Returns
-    (and logs) what ``/proc`` says of each task still not reaped then, e.g. one in D state; the
-    supervision thread keeps watching it and publishes its outcome whenever it dies.
-    """
-    for task in tasks:
-        with task.lock:
-            if not task.exited:
-                task.stop_reason = reason
-                _platform.signal_tree(task.pid, signal.SIGTERM)
-    concurrent.futures.wait([task.future for task in tasks], _KILL_AFTER)
-    for task in tasks:
-        with task.lock:
-            if not task.exited:
-                _contain.kill_tree(task.pid)
-    concurrent.futures.wait([task.future for task in tasks], KILL_WAIT)
-    stuck = []
-    for task in tasks:
-        with task.lock:
-            if not task.exited:
-                stuck += [f"task '{task.description}' " + s for s in _contain.stuck([task.pid])]
-    if stuck:
-        logger.error("still alive %s s after SIGKILL: %s", KILL_WAIT, "; ".join(stuck))
-    return stuck
 
 
 class Monitor:
@@ -313,7 +295,7 @@ class Monitor:
         for fd, shim in list(self.shims.items()):
             self._unwatch(fd)
             shim.kill()
-            if not shim.reap(KILL_WAIT):
+            if not shim.reap(_contain.KILL_WAIT):
                 logger.error("procsup fork shim pid %d still alive after SIGKILL", shim.pid)
                 shim.drop()
         self.shims.clear()
@@ -378,9 +360,9 @@ class Monitor:
             task.exited = True
         task.info = _contain.reap(task.proc)
         task.exitcode = exitcode = task.info.exitcode
-        shim = getattr(task.proc, "shim", None)
+        shim = task.proc.shim if isinstance(task.proc, ForkProcess) else None
         if shim is not None:  # a fork task's: it exits once the task's orphans are dead
-            task.proc.shim = None  # type: ignore[attr-defined]
+            task.proc.shim = None  # type: ignore[union-attr]
             if not shim.reap():
                 self.shims[shim.fd] = shim
                 self._watch(shim.fd, "shim", None)

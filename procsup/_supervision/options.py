@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import pickle
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,9 +16,9 @@ __all__ = [
     "RESTART_POLICIES",
     "RestartPolicy",
     "TaskOptions",
+    "check_call",
     "check_options",
     "check_preload",
-    "check_task",
 ]
 
 RestartPolicy = Literal["temporary", "transient", "permanent"]
@@ -54,10 +52,14 @@ class TaskOptions:
 DEFAULT = TaskOptions()
 
 
-def check_task(
-    task_fn: object, parent: object, description: object, args: object, kwargs: object, method: str
+def check_call(
+    task_fn: object, parent: object, description: object, args: object, kwargs: object
 ) -> None:
-    """Check what a task is started with; TypeError naming the culprit (no process started)."""
+    """Check what a task is started with; TypeError naming the culprit (no process started).
+
+    Whether ``task_fn`` can travel to where it runs is the backend's to judge
+    (``procsup._supervision.local``).
+    """
     if not callable(task_fn):
         raise TypeError(f"task_fn must be callable, not {type(task_fn).__name__}")
     if not isinstance(parent, CancellationToken):
@@ -68,22 +70,6 @@ def check_task(
         raise TypeError(f"args must be a tuple, not {type(args).__name__}")
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise TypeError(f"kwargs must be a mapping or None, not {type(kwargs).__name__}")
-    if method == "fork":
-        return
-    qualname = getattr(task_fn, "__qualname__", "")
-    problem = None
-    if "<lambda>" in qualname or "<locals>" in qualname:
-        problem = f"{qualname} is a lambda or a closure"
-    else:
-        try:
-            pickle.dumps(task_fn)
-        except Exception as exc:  # noqa: BLE001 - any pickling failure gets the same advice
-            problem = f"it cannot be pickled ({exc})"
-    if problem:
-        raise TypeError(
-            f"task_fn for critical task {description!r} must be importable under the "
-            f"{method!r} start method, i.e. defined at module level: {problem}"
-        )
 
 
 def check_preload(preload: object) -> list[str]:
@@ -139,15 +125,6 @@ def _find_spec(name: str, path: Sequence[str] | None) -> ModuleSpec | None:
     return None
 
 
-def _seconds(value: object, name: str, *, zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if math.isnan(value) or math.isinf(value) or value < 0 or (value == 0 and not zero):
-        bound = ">= 0" if zero else "> 0"
-        raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
-    return float(value)
-
-
 def check_options(
     restart: object = "temporary",
     max_restarts: object = 3,
@@ -167,8 +144,8 @@ def check_options(
         raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
     if not isinstance(backoff, tuple | list) or len(backoff) != 2:
         raise TypeError(f"backoff must be a pair (first, most) of seconds, not {backoff!r}")
-    first = _seconds(backoff[0], "backoff[0]", zero=True)
-    most = _seconds(backoff[1], "backoff[1]", zero=True)
+    first = check_timeout(backoff[0], "backoff[0]", finite=True)
+    most = check_timeout(backoff[1], "backoff[1]", finite=True)
     if most < first:
         raise ValueError(f"backoff must be (first, most) with first <= most, got {backoff!r}")
     if memory_limit is not None:
@@ -182,11 +159,13 @@ def check_options(
     return TaskOptions(
         restart=restart,
         max_restarts=max_restarts,
-        period=_seconds(period, "period"),
+        period=check_timeout(period, "period", finite=True, positive=True),
         backoff=(first, most),
         memory_limit=memory_limit,
         cpu_time_limit=(
-            None if cpu_time_limit is None else _seconds(cpu_time_limit, "cpu_time_limit")
+            None
+            if cpu_time_limit is None
+            else check_timeout(cpu_time_limit, "cpu_time_limit", finite=True, positive=True)
         ),
         timeout=check_timeout(timeout),
         capture_output=capture_output,

@@ -28,18 +28,28 @@ import os
 import signal
 import threading
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from procsup._os.proc import signal_name
+from procsup._token.token import CancellationToken
 
-if TYPE_CHECKING:
-    from procsup._supervision.supervisor import Supervisor
-
-__all__ = ["SignalBridge"]
+__all__ = ["SignalBridge", "Stoppable"]
 
 logger = logging.getLogger("procsup")
 
 SECOND_SIGNAL_GRACE = 1.0  # seconds tasks get after the second signal, before SIGTERM
+
+
+class Stoppable(Protocol):
+    """What the signals act on: a supervisor's root token, its grace period and its shutdown."""
+
+    @property
+    def token(self) -> CancellationToken: ...
+
+    @property
+    def grace_period(self) -> float: ...
+
+    def shutdown(self, timeout: float) -> None: ...
 
 
 class SignalBridge:
@@ -49,7 +59,7 @@ class SignalBridge:
     a closed or reused fd); ``count`` is the number of signals acted on.
     """
 
-    def __init__(self, supervisor: Supervisor, signals: tuple[int, ...]) -> None:
+    def __init__(self, supervisor: Stoppable, signals: tuple[int, ...]) -> None:
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("install_signal_handlers() must be called from the main thread")
         self._supervisor = supervisor

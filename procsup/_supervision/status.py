@@ -29,17 +29,23 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from procsup._os.timeouts import check_timeout
+from procsup._outcome.errors import CriticalTaskError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # asyncio is imported when first used: see procsup._supervision.aio
     import asyncio
 
-    from procsup._outcome.errors import CriticalTaskError
-    from procsup._supervision.lifecycle import Lifecycle
-
-__all__ = ["EventKind", "EventStream", "StatusHub", "TaskEvent", "TaskSnapshot", "TaskState"]
+__all__ = [
+    "EventKind",
+    "EventStream",
+    "Live",
+    "StatusHub",
+    "TaskEvent",
+    "TaskSnapshot",
+    "TaskState",
+]
 
 logger = logging.getLogger("procsup")
 
@@ -100,6 +106,10 @@ class TaskSnapshot:
     restarts: int
     rss: int | None
     cpu_percent: float | None
+
+
+# Pickles and reprs name the public path, which does not move with the private modules.
+TaskEvent.__module__ = TaskSnapshot.__module__ = "procsup"
 
 
 class EventStream:
@@ -216,6 +226,12 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+class Live(Protocol):
+    """A task the hub lists until its final outcome (``procsup._supervision.lifecycle``)."""
+
+    def snapshot(self) -> TaskSnapshot: ...
+
+
 class StatusHub:
     """A supervisor's registry of live tasks and its event subscribers.
 
@@ -226,19 +242,19 @@ class StatusHub:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.lives: dict[Lifecycle, None] = {}  # an insertion-ordered set
+        self.lives: dict[Live, None] = {}  # an insertion-ordered set
         self._streams: list[EventStream] = []
         self._callbacks: list[Callable[[TaskEvent], object]] = []
 
-    def register(self, life: Lifecycle) -> None:
+    def register(self, life: Live) -> None:
         with self._lock:
             self.lives[life] = None
 
-    def forget(self, life: Lifecycle) -> None:
+    def forget(self, life: Live) -> None:
         with self._lock:
             self.lives.pop(life, None)
 
-    def live(self) -> list[Lifecycle]:
+    def live(self) -> list[Live]:
         with self._lock:
             return list(self.lives)
 

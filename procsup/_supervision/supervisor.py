@@ -3,10 +3,12 @@
 ::
 
     spawn() / CriticalTaskExecutionHandle(...)          (caller's thread)
-      └─ Lifecycle (procsup._supervision.lifecycle: a task across its runs, restarts, timeout)
-           └─ _start(): validate (no process is started on bad input), boot the Monitor thread
-                └─ launch() (procsup._supervision.launch): token, pipes, start ─▶ Monitor.add()
-    shutdown(): cancel root and every task ─▶ wait grace ─▶ escalate (SIGTERM, SIGKILL) ─▶ reap all
+      └─ validate (no process is started on bad input)
+           └─ Lifecycle (procsup._supervision.lifecycle: a task across its runs, restarts, timeout)
+                └─ LocalBackend.start(RunSpec) (procsup._supervision.local, the runtime seam):
+                     first start: preload, the Monitor thread; launch(): pipes, process, watch
+    shutdown(): close the backend ─▶ cancel root ─▶ the ladder for every live run (cancel,
+                grace, SIGTERM, SIGKILL: procsup._os.tree.Ladder) ─▶ reap all ─▶ join the thread
 
 Things that don't work
 ----------------------
@@ -36,40 +38,32 @@ import signal
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 from procsup._os.timeouts import check_timeout
-from procsup._process.zygote import import_modules
-from procsup._process.zygote import preload as zygote_preload
+from procsup._os.tree import KILL_WAIT, REAP_DEADLINE
+from procsup._supervision import handle
 from procsup._supervision.aio import off_loop
-from procsup._supervision.launch import launch
+from procsup._supervision.handle import CriticalTaskExecutionHandle
 from procsup._supervision.lifecycle import Lifecycle
-from procsup._supervision.monitor import KILL_WAIT, REAP_DEADLINE, Monitor, TaskRecord, escalate
+from procsup._supervision.local import OWN_PRELOAD, LocalBackend, LocalConfig
 from procsup._supervision.options import (
     DEFAULT,
     RestartPolicy,
     TaskOptions,
+    check_call,
     check_options,
     check_preload,
 )
-from procsup._supervision.options import check_task as _validate
 from procsup._supervision.signals import SignalBridge
 from procsup._supervision.status import EventStream, StatusHub, TaskEvent, TaskSnapshot
-from procsup._supervision.timers import Timers
 from procsup._token.token import CancellationToken
-
-if TYPE_CHECKING:
-    from multiprocessing.context import BaseContext
-
-    from procsup._supervision.handle import CriticalTaskExecutionHandle
 
 __all__ = ["Supervisor", "default_supervisor"]
 
 T = TypeVar("T")
 
 logger = logging.getLogger("procsup")
-
-_OWN_PRELOAD = ("procsup", "procsup._process.entry")  # what the zygote imports for every supervisor
 
 
 class _Default(enum.Enum):
@@ -125,17 +119,12 @@ class Supervisor:
                 f"token must be a CancellationToken or None, not {type(token).__name__}"
             )
         preload = check_preload(preload)
-        grace = check_timeout(grace_period, "grace_period")
-        if grace is None:  # the guardian must kill a dead supervisor's tasks at some point
-            raise ValueError(f"grace_period must be a finite number of seconds, got {grace_period}")
-        self._grace = grace
-        self._method = start_method
-        self._ctx: BaseContext = multiprocessing.get_context(start_method)
-        self._preload = [*_OWN_PRELOAD, *preload]
+        # Finite: the guardian must stop a dead supervisor's tasks at some point.
+        grace = check_timeout(grace_period, "grace_period", finite=True)
+        self._backend = LocalBackend(LocalConfig(start_method, (*OWN_PRELOAD, *preload), grace))
         self.token = token if token is not None else CancellationToken()
-        self._lock = threading.Lock()  # guards _closed and _monitor
+        self._lock = threading.Lock()  # guards _closed and _signals
         self._closed = False  # set once by shutdown(); no task starts after
-        self._monitor: Monitor | None = None  # created with the first task
         self._signals: SignalBridge | None = None  # install_signal_handlers() until shutdown()
         self._pid = os.getpid()  # a forked copy of this object is inert
         self._status = StatusHub()  # live tasks (across restarts) and event subscribers
@@ -144,17 +133,17 @@ class Supervisor:
     @property
     def start_method(self) -> str:
         """The multiprocessing start method of this supervisor's tasks."""
-        return self._method
+        return self._backend.config.start_method
 
     @property
     def closed(self) -> bool:
         """True once ``shutdown()`` was called (or the supervision thread died)."""
-        return self._closed or (self._monitor is not None and not self._monitor.alive)
+        return self._closed or self._backend.closed
 
     @property
     def grace_period(self) -> float:
         """Seconds ``shutdown()`` waits for tasks to honour cancellation."""
-        return self._grace
+        return self._backend.grace_period
 
     @overload
     def spawn(
@@ -246,8 +235,6 @@ class Supervisor:
                 them); the message names it and its error, and no process is started.
             RuntimeError: after ``shutdown()``.
         """
-        from procsup._supervision.handle import CriticalTaskExecutionHandle
-
         options = check_options(
             restart, max_restarts, period, backoff, memory_limit, cpu_time_limit, timeout,
             capture_output,
@@ -278,8 +265,15 @@ class Supervisor:
         kwargs: Mapping[str, Any] | None,
         options: TaskOptions = DEFAULT,
     ) -> Lifecycle:
-        life = Lifecycle(self, task_fn, parent, description, args, kwargs, options)
+        """Validate a task, then start its first run (``handle.Runtime``)."""
+        check_call(task_fn, parent, description, args, kwargs)
+        life = Lifecycle(
+            self._backend, self._status, task_fn, parent, description, args, kwargs, options
+        )
         life.start()
+        with self._lock:
+            if not self._closed:  # kept alive while it supervises, so that atexit shuts it down
+                _RUNNING.add(self)
         return life
 
     def tasks(self) -> list[TaskSnapshot]:
@@ -305,34 +299,6 @@ class Supervisor:
         """
         return self._status.add_callback(callback)
 
-    def _timers(self) -> Timers:
-        assert self._monitor is not None, "a task has started, so the monitor exists"
-        return self._monitor.timers
-
-    # ---------------------------------------------------------------- starting
-
-    def _start(
-        self,
-        task_fn: Callable[..., Any],
-        parent: CancellationToken,
-        description: str,
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any] | None,
-        options: TaskOptions = DEFAULT,
-    ) -> TaskRecord:
-        _validate(task_fn, parent, description, args, kwargs, self._method)
-        if os.getpid() != self._pid:
-            raise RuntimeError("a Supervisor cannot be used in a process forked from its owner")
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("this Supervisor has been shut down")
-            monitor = self._monitor
-            if monitor is None:
-                monitor = self._monitor = self._boot(getattr(task_fn, "__module__", None))
-                # Kept alive while it supervises, dropped or not, so that atexit shuts it down.
-                _RUNNING.add(self)
-        return launch(self, monitor, task_fn, parent, description, args, kwargs, options)
-
     def install_signal_handlers(self) -> None:
         """Make SIGINT and SIGTERM cancel this supervisor's root token; a second one shuts down.
 
@@ -351,29 +317,6 @@ class Supervisor:
             if self._signals is None:
                 self._signals = SignalBridge(self, (signal.SIGINT, signal.SIGTERM))
 
-    def _boot(self, task_module: str | None) -> Monitor:
-        """Import the preload list where tasks are forked from, then make the Monitor.
-
-        Raises:
-            ImportError: a ``preload`` module raised when imported (a module that cannot be found
-                was refused by the constructor already); the message names it and its error.
-        """
-        mine = self._preload[len(_OWN_PRELOAD) :]
-        if self._method == "fork":  # forked tasks find these imported; the zygote imports its own
-            failed = import_modules([*self._preload, task_module or "__main__"])
-            for name, error in failed:
-                if name not in mine:  # the task's own module: the task imports it, and fails there
-                    logger.warning("procsup could not preload module %r: %s", name, error)
-            failed = [(name, error) for name, error in failed if name in mine]
-        else:
-            failed = zygote_preload(mine) if mine else []
-        if failed:
-            name, error = failed[0]
-            raise ImportError(
-                f"Supervisor preload module {name!r} cannot be imported: {error}", name=name
-            )
-        return Monitor()
-
     def shutdown(self, timeout: float | _Default | None = GRACE_PERIOD) -> None:
         """Cancel the root token and every task, wait, escalate the stragglers, reap everything.
 
@@ -389,37 +332,32 @@ class Supervisor:
             ValueError, TypeError: ``timeout`` is negative, NaN or not a number; nothing is shut
                 down then.
         """
-        wait = self._grace if timeout is GRACE_PERIOD else check_timeout(timeout)
+        wait = self.grace_period if timeout is GRACE_PERIOD else check_timeout(timeout)
         if os.getpid() != self._pid:
             return
         with self._lock:
             self._closed = True
-            monitor = self._monitor
             signals = self._signals
+        backend = self._backend
+        backend.close()
         if signals is not None and signals.uninstall():
             self._signals = None
         _RUNNING.discard(self)
         self.token.cancel("Supervisor shut down")
-        if monitor is None:
-            return
-        with monitor.lock:
-            tasks = list(monitor.live)
-        while tasks:  # again, for any task whose start was under way when we closed
-            for task in tasks:
-                task.token.cancel("Supervisor shut down")
-            futures = [task.future for task in tasks]
-            concurrent.futures.wait(futures, wait)
-            stragglers = [task for task in tasks if not task.future.done()]
-            stuck: list[str] = []
-            if stragglers:
-                reason = f"it did not honour cancellation within {wait} s of shutdown"
-                stuck = escalate(stragglers, reason)
-            if not stuck:
-                concurrent.futures.wait(futures, REAP_DEADLINE)
-            with monitor.lock:
-                tasks = [task for task in monitor.live if task.future not in futures]
+        runs = backend.live()
+        while runs:  # again, for any task whose start was under way when we closed
+            futures = [run.future for run in runs]
+            reason = f"it did not honour cancellation within {wait} s of shutdown"
+            ladder = backend.stop(runs, wait, "Supervisor shut down", reason)
+            pending: set[concurrent.futures.Future[Any]] = set(futures)
+            while pending and not ladder.done.done():
+                concurrent.futures.wait([*pending, ladder.done], return_when="FIRST_COMPLETED")
+                pending = {future for future in pending if not future.done()}
+            if pending and not ladder.done.result():  # all exited: their outcomes are on the way
+                concurrent.futures.wait(pending, REAP_DEADLINE)
+            runs = [run for run in backend.live() if run.future not in futures]
         # A task that SIGKILL cannot end (D state) was reported; its watch outlives us.
-        monitor.close(KILL_WAIT if monitor.live else REAP_DEADLINE)
+        backend.join(KILL_WAIT if backend.live() else REAP_DEADLINE)
 
     def __enter__(self) -> Supervisor:
         return self
@@ -428,9 +366,8 @@ class Supervisor:
         self.shutdown()
 
     def __repr__(self) -> str:
-        live = len(self._monitor.live) if self._monitor is not None else 0
-        state = "shut down" if self._closed else f"{live} live tasks"
-        return f"<procsup.Supervisor {self._method}, {state}>"
+        state = "shut down" if self._closed else f"{self._backend.live_count()} live tasks"
+        return f"<procsup.Supervisor {self.start_method}, {state}>"
 
 
 Supervisor.__module__ = "procsup"
@@ -475,3 +412,4 @@ def _forget_after_fork() -> None:
 
 atexit.register(_shutdown_all)
 os.register_at_fork(after_in_child=_forget_after_fork)
+handle.set_default_runtime(default_supervisor)

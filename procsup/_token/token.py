@@ -313,7 +313,8 @@ def _rebuild(key: bytes, fd: Any, slot: int, live: int) -> CancellationToken:
     return CancellationToken._from_slot(arena, slot, live, os.getpid())
 
 
-# Pickles name the package, as they did when it was one module (``procsup._token``).
+# Pickles name the package, as they did when it was one module (``procsup._token``); the public
+# classes are named by their public path.
 _rebuild.__module__ = "procsup._token"
 
 
@@ -387,3 +388,6 @@ class DropGuard:
         token, self._token = self._token, None
         if token is not None:
             token.cancel()
+
+
+CancellationToken.__module__ = DropGuard.__module__ = "procsup"
