@@ -197,7 +197,7 @@ def test_ctrl_c_while_a_fork_task_starts_leaves_nothing_behind(
     def interrupted(fd: int, size: int) -> bytes:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_zygote, "_read_exactly", interrupted)
+    monkeypatch.setattr(_zygote, "read_exactly", interrupted)
     with Supervisor(start_method="fork") as sup, pytest.raises(KeyboardInterrupt):
         sup.spawn(tasks.return_value, "interrupted", args=(1,))
 

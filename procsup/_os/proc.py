@@ -1,10 +1,19 @@
-"""Every ``sys.platform`` and signal branch: how a task died, in words, and how to stop one.
+"""Linux process facts: how a task died, in words, and the calls that place and stop a process.
 
-The supervisor learns an exit status as multiprocessing reports it (``Process.exitcode``):
-``n >= 0`` for a normal exit with code ``n``, ``-s`` for death by signal ``s``. This module turns
-that number into the text of a ``TaskCrashedError`` (the signal's name and its likely cause) and
-owns the few OS calls that differ between platforms: knowing when a task process has exited,
-putting it in its own process group, and signalling its whole process tree.
+::
+
+    exit status (``Process.exitcode``)     describe_exit(-9) ─▶ "killed by SIGKILL (signal 9): out
+      n >= 0: exit code n                    of memory or killed externally", "SIGKILL"
+      -s: killed by signal s               signal_name(s), and the signal's likely cause
+    prctl(2)                               set_child_subreaper(), set_parent_death_signal(s)
+    process groups and trees               detach_process_group(), signal_tree(pid, s)
+    /proc/PID/stat, wchan                  proc_state(pid): "D (disk sleep ...), wchan ..."
+
+The supervisor learns an exit status as multiprocessing reports it: this module turns that number
+into the text of a ``TaskCrashedError`` and owns the OS calls around a task process: putting it in
+its own process group, signalling its whole process tree, the prctl() calls of the zygote, the
+shim and the task, and what ``/proc`` says of a process that will not die. procsup runs on Linux
+only (``procsup._token.futex`` refuses to import elsewhere): nothing here has another branch.
 
 Things that don't work
 ----------------------
@@ -16,7 +25,7 @@ Things that don't work
   end the child holds, so a grandchild that inherits it delays the "death" until the grandchild
   exits too (pebble, loky and ProcessPoolExecutor notice ~4 s late here). A pidfd fires when the
   process itself exits. A zygote child's sentinel is fine: it is a status pipe that only the zygote
-  holds, written after reaping; a ``ForkProcess``'s sentinel is a pidfd already.
+  holds, written after reaping; so is a ``ForkProcess``'s, written by its shim.
 - Guessing a crash from exit code 1: CPython exits with 1 after an uncaught exception *and* the task
   may ``os._exit(1)``; only the absence of a reported outcome says "died without reporting".
 """
@@ -24,17 +33,15 @@ Things that don't work
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import os
 import signal
-import sys
-from collections.abc import Iterable
 from typing import Any
 
 import psutil
 
 __all__ = [
-    "close_fds_except",
     "describe_exit",
     "detach_process_group",
     "enlarge_pipe",
@@ -70,22 +77,13 @@ _LIKELY_CAUSE: dict[str, str] = {
     "SIGUSR2": "killed by a user-defined signal with no handler installed",
 }
 
-# Windows reports crashes as NTSTATUS exit codes rather than signals.
-_NTSTATUS: dict[int, tuple[str, str]] = {
-    0xC0000005: ("STATUS_ACCESS_VIOLATION", "invalid memory access, usually a C extension bug"),
-    0xC00000FD: ("STATUS_STACK_OVERFLOW", "stack overflow, e.g. unbounded recursion"),
-    0xC0000409: ("STATUS_STACK_BUFFER_OVERRUN", "aborted by a fail-fast check"),
-    0xC0000017: ("STATUS_NO_MEMORY", "out of memory"),
-    0xC000013A: ("STATUS_CONTROL_C_EXIT", "interrupted"),
-}
-
 
 def signal_name(signum: int) -> str:
     """Return the conventional name of ``signum`` ("SIGKILL"), or "signal N" if it has none."""
     try:
         return signal.Signals(signum).name
     except ValueError:
-        if hasattr(signal, "SIGRTMIN") and signal.SIGRTMIN <= signum <= signal.SIGRTMAX:
+        if signal.SIGRTMIN <= signum <= signal.SIGRTMAX:
             return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
         return f"signal {signum}"
 
@@ -106,9 +104,6 @@ def describe_exit(exitcode: int) -> tuple[str, str | None]:
         name = signal_name(signum)
         cause = _LIKELY_CAUSE.get(name, "killed externally")
         return f"killed by {name} (signal {signum}): {cause}", name
-    if sys.platform == "win32" and (exitcode & 0xFFFFFFFF) in _NTSTATUS:
-        status, cause = _NTSTATUS[exitcode & 0xFFFFFFFF]
-        return f"died with {status} (0x{exitcode & 0xFFFFFFFF:08X}): {cause}", None
     if exitcode == 0:
         return (
             "exited with code 0 before reporting a result "
@@ -128,8 +123,6 @@ def detach_process_group() -> None:
     Also keeps a Ctrl-C typed at the terminal away from the task: the terminal signals only the
     foreground group, the supervisor's, which cancels the tree instead.
     """
-    if sys.platform == "win32":  # pragma: no cover - no process groups; Job Objects would do
-        return
     # EPERM when the task already leads a session; it is then in a group of its own anyway.
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
@@ -144,12 +137,11 @@ def signal_tree(pid: int, signum: int) -> None:
         descendants = psutil.Process(pid).children(recursive=True)
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         descendants = []
-    if sys.platform != "win32":
-        # The task leads its own group unless it has not reached detach_process_group() yet;
-        # never signal a group the task does not lead (it would be the supervisor's).
-        with contextlib.suppress(OSError):
-            if os.getpgid(pid) == pid:
-                os.killpg(pid, signum)
+    # The task leads its own group unless it has not reached detach_process_group() yet;
+    # never signal a group the task does not lead (it would be the supervisor's).
+    with contextlib.suppress(OSError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signum)
     with contextlib.suppress(OSError):
         os.kill(pid, signum)
     for proc in descendants:
@@ -157,23 +149,11 @@ def signal_tree(pid: int, signum: int) -> None:
             proc.send_signal(signum)
 
 
-def close_fds_except(keep: Iterable[int]) -> None:
-    """Close every fd from 3 up but those in ``keep``."""
-    low = 3
-    for fd in sorted(set(keep)):
-        if fd >= low:
-            os.closerange(low, fd)
-            low = fd + 1
-    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
-
-
 def enlarge_pipe(fd: int) -> None:
-    """Grow a pipe's buffer to 1 MiB where the OS allows, so big results cross in fewer wake-ups."""
-    if sys.platform.startswith("linux"):
-        import fcntl
-
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    """Grow a pipe's buffer to 1 MiB if ``/proc/sys/fs/pipe-max-size`` allows (EPERM otherwise:
+    the pipe keeps its size), so big results cross in fewer wake-ups."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
 
 
 @functools.cache
@@ -185,8 +165,6 @@ def _libc() -> Any:
 
 
 def _prctl(option: int, value: int) -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
     import ctypes
 
     return bool(_libc().prctl(option, ctypes.c_ulong(value), 0, 0, 0) == 0)
@@ -196,7 +174,7 @@ def set_child_subreaper() -> bool:
     """Make orphaned descendants of the calling process reparent to it, not to init (Linux >= 3.4).
 
     Even a descendant that called ``setsid()`` then stays below the caller while it lives, so a walk
-    of its children finds the whole tree. Returns False where unsupported.
+    of its children finds the whole tree. Returns False if the kernel refused.
     """
     return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
@@ -205,8 +183,8 @@ def set_parent_death_signal(signum: int) -> bool:
     """Ask the kernel to send ``signum`` to the caller when the *thread* that forked it exits.
 
     Only safe in a child of a single-threaded parent (or of a thread that lives as long as its
-    process): the signal follows the forking thread, not the process. Returns False where
-    unsupported.
+    process): the signal follows the forking thread, not the process. Returns False if the kernel
+    refused.
     """
     return _prctl(_PR_SET_PDEATHSIG, signum)
 

@@ -9,7 +9,7 @@
                                                             value = fn(token, *args, **kwargs)
     writer closed right after start                         (an awaitable runs in a fresh loop)
                                                             frame = encode_return / encode_error
-    supervisor thread reads the pipe   ◀──── frame ──────  os.write(writer) until all is sent
+    supervisor thread reads the pipe   ◀──── frame ──────  write_all(writer), blocking
     and watches the process itself                          return -> exit code 0
 
 The outcome is decided from the frame, and death from the process: a task that dies before its
@@ -30,13 +30,13 @@ Things that don't work
 from __future__ import annotations
 
 import inspect
-import os
 import pickle
 import signal
 from collections.abc import Awaitable, Callable, Mapping
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
+from procsup._os.fds import write_all
 from procsup._os.proc import detach_process_group
 from procsup._os.tree import enter_task
 from procsup._outcome.remote import encode_error, encode_return
@@ -83,17 +83,9 @@ def _outcome(
             return encode_error(err)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 def _reset_signals() -> None:
     """Drop handlers inherited from the parent (under fork): SIGTERM from stop() must terminate."""
-    signal.set_wakeup_fd(
-        -1
-    )  # an inherited asyncio wake-up fd would swallow signals into the parent
+    signal.set_wakeup_fd(-1)  # an inherited asyncio wake-up fd would swallow signals
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
         if callable(signal.getsignal(signum)):
             signal.signal(signum, signal.SIG_DFL)
@@ -119,7 +111,7 @@ def main(
         attach(stderr)
     frame = _outcome(task_fn, token, args, kwargs)
     try:
-        _write_all(writer.fileno(), frame)
+        write_all(writer.fileno(), frame)
     except OSError:
         # EPIPE: the supervisor is gone, nobody is left to tell.
         pass

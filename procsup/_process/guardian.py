@@ -4,10 +4,10 @@
 
     supervisor process                     zygote (PR_SET_CHILD_SUBREAPER, single-threaded)
     ──────────────────                     ───────────────────────────────────────────────
-    spawn(payload, token*, grace) ───────▶ the spare (or a fork) becomes the task
+    Spawn(payload, Ward: token*, grace) ─▶ the spare (or a fork) becomes the task
                                              (PR_SET_PDEATHSIG=SIGKILL: it dies with us;
                                               spawn start method: a fork that execs python)
-    guard(shim pidfd, token*, grace) ────▶ a fork task: watch its shim's pidfd
+    Guard(shim pidfd, Ward) ─────────────▶ a fork task: watch its shim's pidfd
     status pipe ◀── raw status + rusage ─── SIGCHLD ▶ wait4 ▶ reap()
                                            a dead task's descendants reparent here: every child
                                              that is neither a task nor the spare is an orphan,
@@ -15,10 +15,13 @@
                                              has passed; a spare that dies is reaped silently
                                            (a fork task's orphans go to its shim, which runs
                                              this same Guardian for it: ``procsup._process.shim``)
-    ✝ (SIGKILL, exit, crash) ── EOF ─────▶ SIGKILL the spare,
-                                           cancel every ward's token ("supervisor died"),
-                                           wait up to the grace period for them to exit,
-                                           kill_trees() what is left, reap, exit
+    ✝ (SIGKILL, exit, crash) ── EOF ─────▶ SIGKILL the spare, then every ward on the one ladder
+                                           (``procsup._os.tree.Ladder``), reaping meanwhile:
+                                             cancel its token ("supervisor died") ─▶ grace
+                                             ─▶ SIGTERM its tree ─▶ KILL_AFTER ─▶ freeze and
+                                             SIGKILL the trees ─▶ KILL_WAIT ─▶ log survivors;
+                                           then kill every orphan and doomed child left, in
+                                           rounds until none is left, reap, exit
 
     token*: borrowed (``procsup._token.token.borrow_args``): the guardian holds no reference, so a
             token freed meanwhile reads as cancelled and nothing is released twice.
@@ -29,6 +32,9 @@ Things that don't work
   task, so any short-lived thread of the user that starts a task would kill it on exit; and a
   signal gives no grace period, where a token cancellation does.
 - A watchdog thread in every task (polling ``getppid()``): a thread per task, and a poll.
+- Going from the grace period straight to SIGKILL: a task that missed its cancellation (stuck in
+  a C call, say) never gets to run its SIGTERM handler and clean up, as it would under
+  ``stop()``. A dead supervisor's tasks are stopped as ``stop()`` stops them.
 - Forgetting a doomed orphan once it is killed: if it forked as it died, its child comes to us
   after kill_due() and was never doomed (a process that forks and exits every few ms lived on,
   even past the supervisor). A killed child stays in ``known`` until reaped, so its orphans are
@@ -53,13 +59,15 @@ from typing import Any
 import psutil
 
 from procsup._os import tree as _contain
-from procsup._os.tree import exit_info
+from procsup._os.fds import drain, wait_readable
+from procsup._os.tree import Ladder, exit_info
 
-__all__ = ["STATUS", "Guardian", "children", "decode_status", "drain"]
+__all__ = ["STATUS", "Guardian", "children", "decode_status"]
 
 # Raw wait status, peak RSS (bytes), CPU seconds: what a zygote task's status pipe carries.
 STATUS = struct.Struct("iqd")
 _REAP_AFTER_KILL = 5.0  # seconds the guardian waits for SIGKILLed processes before it exits
+_ROUND = 0.1  # seconds between two rounds of orphan killing: new orphans send no SIGCHLD
 
 
 def decode_status(data: bytes) -> Any:
@@ -80,6 +88,62 @@ class _Ward:
         self.fd = fd
         self.token = token
         self.grace = grace
+
+
+class _Rung:
+    """A ward on the ladder of a dead supervisor (``procsup._os.tree.Rung``).
+
+    A zygote task is our child: its pid is its own until ``Guardian.reap`` reaps it. A fork
+    task's shim is not (the dead supervisor was its parent): its pid is only trusted while its
+    pidfd says it has not exited, and read before that check.
+    """
+
+    __slots__ = ("guardian", "reason", "ward")
+
+    def __init__(self, guardian: Guardian, ward: _Ward, reason: str) -> None:
+        self.guardian = guardian
+        self.ward = ward
+        self.reason = reason
+
+    def cancel(self) -> None:
+        if self.ward.token is not None:
+            with contextlib.suppress(Exception):  # a corrupt arena must not save the task
+                self.ward.token.cancel(self.reason)
+
+    def exited(self) -> bool:
+        ward, guardian = self.ward, self.guardian
+        if guardian.children.get(ward.pid) is ward:
+            return False
+        return guardian.watched.get(ward.fd) is not ward or _exited(ward.fd)
+
+    def _root(self) -> psutil.Process | None:
+        """The ward's root process while it has not exited (psutil checks its start time on
+        every later call, so a pid reused since is never signalled)."""
+        if self.exited():
+            return None
+        try:
+            root = psutil.Process(self.ward.pid)
+        except psutil.Error:
+            return None
+        return None if self.exited() else root
+
+    def terminate(self) -> None:
+        root = self._root()
+        if root is None:
+            return
+        # The task leads a process group and is a subreaper: its tree is below it. A shim
+        # blocks SIGTERM; its children (the task, and orphans of the task) do not.
+        with contextlib.suppress(psutil.Error):
+            for proc in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(signal.SIGTERM)
+
+    def roots(self) -> list[psutil.Process]:
+        root = self._root()
+        return [] if root is None else [root]
+
+    def stuck(self) -> list[str]:
+        return [] if self.exited() else _contain.stuck([self.ward.pid])
 
 
 class Guardian:
@@ -184,32 +248,30 @@ class Guardian:
                 heapq.heappush(self.doomed, (deadline, proc.pid, proc))
 
     def supervisor_gone(self, wait_fd: int) -> None:
-        """The supervisor's socket hit EOF: cancel every ward, grace, kill, reap. Then return.
+        """The supervisor's socket hit EOF: stop every ward as ``stop()`` would (the ladder),
+        then kill what is left, reap. Then return.
 
-        ``wait_fd`` becomes readable on SIGCHLD (the zygote's wake-up pipe).
+        ``wait_fd`` becomes readable on SIGCHLD (the zygote's wake-up pipe). Blocks for up to
+        the grace period, ``KILL_AFTER`` and ``KILL_WAIT`` (``procsup._os.tree``), then up to
+        ``_REAP_AFTER_KILL`` seconds: the zygote has nothing else to do.
         """
         wards = [*self.children.values(), *self.watched.values()]
-        if not wards and not self.doomed and not self._orphans():
-            return
-        grace = max((w.grace for w in wards), default=0.0)
-        reason = (
-            f"procsup: the supervisor process (pid {self.supervisor}) died; "
-            f"the task is killed after its {grace:g} s grace period"
-        )
-        for ward in wards:
-            with contextlib.suppress(Exception):  # a corrupt arena must not save the task
-                ward.token.cancel(reason)
-        deadline = time.monotonic() + grace
-        self._wait(wait_fd, deadline)
-        # Every ward's tree at once: one freeze (a /proc scan a round) for all of them, so a
-        # process forking in one tree cannot outrun the kill while the others are handled.
-        # A fork task's shim is not our child: its pid is only ours to signal while its pidfd
-        # says it has not exited.
-        roots = [*self.children, *(w.pid for w in self.watched.values() if not _exited(w.fd))]
-        victims = []
-        for pid in roots:
-            with contextlib.suppress(psutil.Error):
-                victims.append(psutil.Process(pid))
+        if wards:
+            # One ladder, so one freeze (a /proc scan a round) kills every ward's tree at once:
+            # a process forking in one tree cannot outrun the kill while the others are handled.
+            grace = max(w.grace for w in wards)
+            reason = (
+                f"procsup: the supervisor process (pid {self.supervisor}) died; "
+                f"the task is killed after its {grace:g} s grace period"
+            )
+            ladder = Ladder([_Rung(self, ward, reason) for ward in wards], grace)
+            due = ladder.step()
+            while due is not None:
+                self._wait(wait_fd, due)
+                due = ladder.step()
+        # What the ladder did not reach: orphans of tasks that exited, and (a ward stuck in the
+        # kernel) the wards themselves.
+        victims = self._roots()
         end = time.monotonic() + _REAP_AFTER_KILL
         while True:  # until no child is left: killed ones may leave orphans as they die
             victims += [entry[2] for entry in self.doomed] + self._orphans()
@@ -219,26 +281,42 @@ class Guardian:
                 with contextlib.suppress(OSError):
                     signal.pidfd_send_signal(ward.fd, signal.SIGKILL)
             victims = []
-            self._wait(wait_fd, end)
-            if not children() or time.monotonic() >= end:
+            self._settle()
+            left = end - time.monotonic()
+            if not children() or left <= 0:
                 break
-            _wait_readable(wait_fd, min(0.1, max(0.0, end - time.monotonic())))
+            if wait_readable([wait_fd], min(_ROUND, left)):
+                drain(wait_fd)
+
+    def _roots(self) -> list[psutil.Process]:
+        """Every ward still running: our children, and the shims whose pidfd says so."""
+        roots = []
+        for pid in self.children:
+            with contextlib.suppress(psutil.Error):
+                roots.append(psutil.Process(pid))
+        for ward in self.watched.values():
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(ward.pid)
+                if not _exited(ward.fd):
+                    roots.append(proc)
+        return roots
+
+    def _settle(self) -> None:
+        """Reap what has exited; forget the shims whose pidfd says they have."""
+        self.reap()
+        for fd in [fd for fd in self.watched if _exited(fd)]:
+            self.watched_exited(fd)
 
     def _wait(self, wait_fd: int, deadline: float) -> None:
-        """Reap (and watch pidfds) until every ward has exited or ``deadline`` passes."""
-        import select
-
-        while self.children or self.watched:
-            self.reap()
-            for fd in [fd for fd in self.watched if _exited(fd)]:
-                self.watched_exited(fd)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not (self.children or self.watched):
-                break
-            ready, _, _ = select.select([wait_fd, *self.watched], [], [], remaining)
-            if wait_fd in ready:
+        """Reap (and watch pidfds) until a ward exits or ``deadline`` passes."""
+        wards = len(self.children) + len(self.watched)
+        while True:
+            self._settle()
+            left = deadline - time.monotonic()
+            if left <= 0 or len(self.children) + len(self.watched) < wards:
+                return
+            if wait_fd in wait_readable([wait_fd, *self.watched], left):
                 drain(wait_fd)
-        self.reap()
 
 
 def children() -> list[int]:
@@ -251,21 +329,5 @@ def children() -> list[int]:
         return [p.pid for p in psutil.Process().children()]
 
 
-def drain(fd: int) -> None:
-    """Read a non-blocking wake-up pipe empty."""
-    with contextlib.suppress(BlockingIOError):
-        while os.read(fd, 4096):
-            pass
-
-
-def _wait_readable(fd: int, timeout: float) -> None:
-    import select
-
-    if select.select([fd], [], [], timeout)[0]:
-        drain(fd)
-
-
 def _exited(pidfd: int) -> bool:
-    import select
-
-    return bool(select.select([pidfd], [], [], 0)[0])
+    return bool(wait_readable([pidfd], 0))

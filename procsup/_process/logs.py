@@ -38,6 +38,8 @@ import socket
 import sys
 from typing import Any
 
+from procsup._os.fds import pump
+
 __all__ = ["Forwarder", "LogChannel", "OutputChannel", "encode_record"]
 
 _MAX_RECORD = 60 * 1024  # below the default socket buffer, so one message always fits
@@ -123,19 +125,8 @@ class LogChannel:
 
     def pump(self, budget: int | None) -> bool:
         """Handle up to ``budget`` records (all if None); False once the task's end is closed."""
-        while budget is None or budget > 0:
-            try:
-                data = self._sock.recv(_MAX_RECORD + 1024)
-            except BlockingIOError:
-                return True
-            except OSError:
-                return False
-            if not data:
-                return False
-            self._dispatch(data)
-            if budget is not None:
-                budget -= 1
-        return True
+        # A read of a SEQPACKET socket is one record: a longer one (never sent) would be cut.
+        return pump(self._sock.fileno(), self._dispatch, budget, _MAX_RECORD + 1024)
 
     def _dispatch(self, data: bytes) -> None:
         try:
@@ -216,18 +207,10 @@ class OutputChannel:
 
     def pump(self, budget: int | None) -> bool:
         """Write out the whole lines read (up to ``budget`` reads); False at EOF."""
-        while budget is None or budget > 0:
-            try:
-                data = os.read(self._fd, 65536)
-            except BlockingIOError:
-                return True
-            if not data:
-                self.printer.close()
-                return False
-            self.printer.write(data)
-            if budget is not None:
-                budget -= 1
-        return True
+        if pump(self._fd, self.printer.write, budget):
+            return True
+        self.printer.close()  # the last line, even without its newline
+        return False
 
     def close(self) -> None:
         self.printer.close()

@@ -60,9 +60,8 @@ class ChildSetup:
     log: Connection
     root_level: int
     levels: dict[str, int]
-    stdout: (
-        Connection | None
-    )  # captured stdout; stderr always has its pipe (procsup._process.stdio)
+    # Captured stdout, or None; stderr always has its pipe (procsup._process.stdio).
+    stdout: Connection | None
     memory_limit: int | None
     cpu_time_limit: float | None
 

@@ -17,7 +17,8 @@
                                     no child left: exit
     Monitor: waitpid(shim) once its pidfd says it exited; shutdown() kills what it still holds
     zygote (guardian): watches the shim's pidfd; if the supervisor dies, it cancels the task's
-      token, waits the grace period, then kills the shim's tree, the task and its orphans with it
+      token, waits the grace period, SIGTERMs the shim's tree (the shim blocks it, the task need
+      not), then kills that tree, the task and its orphans with it
 
 A task started with fork is a copy of the supervisor, so it has to be forked from it (or from a
 copy of it): the zygote cannot be its parent. The shim is that copy, and it stays the task's
@@ -57,6 +58,7 @@ from collections.abc import Callable
 from typing import Any
 
 from procsup._os import proc as _platform
+from procsup._os.fds import close_fds_except
 from procsup._process.guardian import Guardian, children
 
 __all__ = ["PID", "serve"]
@@ -109,7 +111,7 @@ def serve(
     for fd in (0, 1, 2):
         if fd != null:
             os.dup2(null, fd)
-    _platform.close_fds_except([status_w])
+    close_fds_except([status_w])
     os.write(status_w, PID.pack(pid))
     guardian = Guardian()
     guardian.add_child(pid, status_w, None, grace)

@@ -38,20 +38,19 @@ import sys
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
+from procsup._os.fds import pump, write_all
+
 __all__ = ["StderrTap", "attach"]
 
 TAIL_BYTES = 8 * 1024
 TAIL_LINES = 50
 _DUMP_BYTES = 16 * 1024
 _DUMP_MARK = b"Fatal Python error: "
-_READ = 65536
 
 
 def _to_stderr(data: bytes) -> None:
-    view = memoryview(data)
     with contextlib.suppress(OSError):  # a closed or broken stderr must not stop supervision
-        while view:
-            view = view[os.write(2, view) :]
+        write_all(2, data)
 
 
 def _nothing() -> None:
@@ -89,19 +88,12 @@ class StderrTap:
             self.child_end = None
 
     def pump(self, budget: int | None) -> bool:
-        """Read up to ``budget`` chunks (all there is if None); False at EOF."""
-        while self._fd >= 0 and (budget is None or budget > 0):
-            try:
-                data = os.read(self._fd, _READ)
-            except BlockingIOError:
-                return True
-            if not data:
-                return False
-            self._keep(data)
-            self.forward(data)
-            if budget is not None:
-                budget -= 1
-        return self._fd >= 0
+        """Read up to ``budget`` chunks (all there is if None); False at EOF or once closed."""
+        return self._fd >= 0 and pump(self._fd, self._take, budget)
+
+    def _take(self, data: bytes) -> None:
+        self._keep(data)
+        self.forward(data)
 
     def _keep(self, data: bytes) -> None:
         if self._in_dump:  # a fatal error report: it goes to the dump, not the tail

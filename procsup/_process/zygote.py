@@ -6,16 +6,19 @@
     ──────────────────                                ───────────────────────────────────────────
     ZygoteProcess.start()                             single-threaded; procsup, the preload list
       pickle (target, args) while "spawning":         and each task's module already imported
-      tokens, Connections, SemLocks ─ DupFd ─▶ index
-      status pipe: keep r, send w ──── sendmsg ─────▶ recvmsg(header + payload, SCM_RIGHTS fds)
+      tokens, Connections ─ DupFd ─▶ FdRef(index)
+      status pipe: keep r, send w
+      Spawn(...) + fds ───────────── sendmsg ───────▶ recvmsg: the Spawn and its fds (SCM_RIGHTS)
                                                       import the task's module (first time only)
-      pid ◀─────────────────────────── reply ───────  keep the status write end; the task is
+      Started(pid) ◀────────────────── reply ───────  keep the status write end; the task is
                                                       the spare, forked ahead and waiting:
-                                                      forward header + fds ──▶ spare: unpickle,
-                                                               target(*args), _exit
+                                                      forward the datagram + fds ──▶ spare:
+                                                               load_payload, target(*args), _exit
                                                       (no spare: fork ──▶ child: the same)
     sentinel = r: readable when the zygote ◀──────── SIGCHLD ▶ waitpid ▶ write the exit code,
       has reaped the task (or died itself)              close that task's status write end
+
+The messages and the fds each carries are in ``procsup._process.messages``.
 
 Every child first closes the zygote's fds and makes the task's stderr pipe its fd 2, so a failure
 to import the task's module or unpickle its arguments reaches the crash record's stderr tail. The
@@ -52,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
-import multiprocessing.connection
 import multiprocessing.context
 import multiprocessing.process
 import multiprocessing.reduction
@@ -62,33 +64,42 @@ import os
 import pickle
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psutil
 
 from procsup._os import tree as _contain
+from procsup._os.fds import MAX_FDS, read_exactly, send_fds, wait_readable, write_all
 from procsup._os.tree import ExitInfo
 from procsup._process import shim as _shim
 from procsup._process.guardian import STATUS, decode_status
-from procsup._token.token import borrow_args
-
-if TYPE_CHECKING:
-    from procsup._token.token import CancellationToken
+from procsup._process.messages import (
+    FdRef,
+    FreshStart,
+    Guard,
+    Preload,
+    Preloaded,
+    Reply,
+    Request,
+    Spawn,
+    Started,
+    StartFailed,
+    SyncPath,
+    Ward,
+)
+from procsup._token.token import CancellationToken, borrow_args
 
 __all__ = [
-    "MAX_FDS",
     "ForkProcess",
     "Shim",
     "ZygoteProcess",
     "daemon_fds",
     "guard",
     "import_modules",
-    "inherited",
     "preload",
     "run_target",
     "uninterrupted",
@@ -96,20 +107,8 @@ __all__ = [
 ]
 
 _INLINE = 64 * 1024  # larger payloads travel in a memfd, not in the datagram
-MAX_FDS = 250  # SCM_RIGHTS limit per message is 253
 _SHIM_KILL_WAIT = 5.0  # seconds a SIGKILLed shim gets to exit before it is left unreaped
 _STARTING = threading.Lock()  # held from making a child's pipe to closing our copy of its end
-inherited: list[int] = []  # in a zygote child: the fds its pickle's DupFd indices point at
-
-
-class _ChildFd:
-    """Stands for the ``index``-th fd the zygote handed to the child; picklable by reference."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-    def detach(self) -> int:
-        return inherited[self.index]
 
 
 def run_target(target: Callable[..., Any], args: Sequence[Any]) -> int:
@@ -149,11 +148,11 @@ class _LeanProcess:
         return None if self.info is None else self.info.exitcode
 
     def join(self, timeout: float | None = None) -> None:
-        if self.info is None and multiprocessing.connection.wait([self.sentinel], timeout):
+        if self.info is None and wait_readable([self.sentinel], timeout):
             self.info = self._collect()
 
     def is_alive(self) -> bool:
-        return self.info is None and not multiprocessing.connection.wait([self.sentinel], 0)
+        return self.info is None and not wait_readable([self.sentinel], 0)
 
     def close(self) -> None:
         if self.sentinel >= 0:
@@ -175,7 +174,7 @@ class _LeanProcess:
         self._fds.append(fd)
         return len(self._fds) - 1
 
-    DupFd = _ChildFd
+    DupFd = FdRef
 
 
 class ForkProcess(_LeanProcess):
@@ -215,7 +214,7 @@ class ForkProcess(_LeanProcess):
                     self.shim = Shim(pid)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # runs a pending Ctrl-C handler
             mask = None
-            data = _read_exactly(self.sentinel, _shim.PID.size)
+            data = read_exactly(self.sentinel, _shim.PID.size)
             task = _shim.PID.unpack(data)[0] if len(data) == _shim.PID.size else 0
             if task < 0:
                 raise OSError(-task, f"procsup could not fork the task: {os.strerror(-task)}")
@@ -280,7 +279,7 @@ class Shim:
         """Reap the shim if it exits within ``timeout`` seconds (None: wait); close the pidfd."""
         if self.fd < 0:
             return True
-        if not multiprocessing.connection.wait([self.fd], timeout):
+        if not wait_readable([self.fd], timeout):
             return False
         with contextlib.suppress(ChildProcessError):  # SIGCHLD ignored: the kernel reaped it
             os.waitid(os.P_PIDFD, self.fd, os.WEXITED)
@@ -291,7 +290,7 @@ class Shim:
     def kill(self) -> None:
         """SIGKILL the shim and its tree, frozen first (``procsup._os.tree.kill_trees``), unless
         its pidfd says it has exited (psutil checks start times against a reused pid too)."""
-        if self.fd >= 0 and not multiprocessing.connection.wait([self.fd], 0):
+        if self.fd >= 0 and not wait_readable([self.fd], 0):
             with contextlib.suppress(psutil.Error):
                 _contain.kill_trees([psutil.Process(self.pid)])
 
@@ -300,16 +299,6 @@ class Shim:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def _read_exactly(fd: int, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = os.read(fd, size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 class ZygoteProcess(_LeanProcess):
@@ -328,7 +317,7 @@ class ZygoteProcess(_LeanProcess):
     ) -> None:
         super().__init__(target, args, name)
         self._preload = tuple(preload)
-        self._token = token  # the zygote cancels it if the supervisor dies, then kills after grace
+        self._token = token  # the zygote cancels it if the supervisor dies (then SIGTERM, SIGKILL)
         self._grace = grace
         self._fresh = fresh  # spawn: the zygote's child execs a fresh interpreter
         # An fd among those ``args`` pickle: the child makes it its fd 2 before it imports or
@@ -344,11 +333,11 @@ class ZygoteProcess(_LeanProcess):
             )
             ward = None
             if self._token is not None:
-                ward = (self._grace, borrow_args(self._token, self))
+                ward = Ward(self._grace, *borrow_args(self._token, self))
         finally:
             multiprocessing.context.set_spawning_popen(None)
         payload = buffer.getbuffer()
-        stderr = self._fds.index(self._stderr) if self._stderr in self._fds else None
+        stderr = FdRef(self._fds.index(self._stderr)) if self._stderr in self._fds else None
         if self._fresh:
             # What multiprocessing's spawn sends its child, plus the interpreter (with this one's
             # -O, -X, -W flags, as multiprocessing passes them) and environment to exec: the
@@ -356,7 +345,7 @@ class ZygoteProcess(_LeanProcess):
             preparation = multiprocessing.spawn.get_preparation_data(self.name)
             preparation["authkey"] = bytes(preparation["authkey"])  # refuses to pickle otherwise
             flags = multiprocessing.util._args_from_interpreter_flags()  # type: ignore[attr-defined]
-            fresh = (
+            fresh = FreshStart(
                 [multiprocessing.spawn.get_executable(), *flags],
                 dict(os.environ),
                 preparation,
@@ -382,18 +371,17 @@ class ZygoteProcess(_LeanProcess):
 
 def guard(proc: ForkProcess, token: CancellationToken, grace: float) -> None:
     """Make the zygote the guardian of a fork task: if this process dies, it cancels ``token``,
-    waits ``grace`` seconds, then kills the task's shim with its tree
-    (``procsup._process.shim``)."""
+    waits ``grace`` seconds, then SIGTERMs the task's tree, and a second later kills the task's
+    shim with everything it holds (``procsup._process.guardian``)."""
     if proc.shim is None:  # SIGCHLD is ignored here and the kernel reaped it: all is over
         return
     collector = _LeanProcess(guard, ())
     multiprocessing.context.set_spawning_popen(collector)  # type: ignore[arg-type]
     try:
-        args = borrow_args(token, collector)
+        ward = Ward(grace, *borrow_args(token, collector))
     finally:
         multiprocessing.context.set_spawning_popen(None)
-    message = ("guard", proc.shim.pid, grace, args)
-    _Zygote.get().send(message, [proc.shim.fd, *collector._fds])
+    _Zygote.get().send(Guard(proc.shim.pid, ward), [proc.shim.fd, *collector._fds])
 
 
 class _Zygote:
@@ -427,14 +415,15 @@ class _Zygote:
         task module importable only through a later entry is found."""
         if sys.path != self._path:
             path = list(sys.path)
-            self._call(("path", path), [])
+            self._call(SyncPath(path), [])  # PathSynced: requests are answered in order
             self._path = path
 
     def preload(self, names: Sequence[str]) -> list[tuple[str, str]]:
         """Have the zygote import ``names`` now; return each that failed, with its error."""
-        reply = self._call(("preload", list(names)), [])
-        failed: list[tuple[str, str]] = reply[1]
-        return failed
+        reply = self._call(Preload(tuple(names)), [])
+        if not isinstance(reply, Preloaded):
+            raise _unexpected(reply)
+        return list(reply.failed)
 
     @classmethod
     def get(cls) -> _Zygote:
@@ -451,51 +440,50 @@ class _Zygote:
         preload: Sequence[str],
         payload: memoryview,
         fds: list[int],
-        ward: Any = None,
-        fresh: bool = False,
-        stderr: int | None = None,
+        ward: Ward | None,
+        fresh: bool,
+        stderr: FdRef | None,
     ) -> int:
-        total = len(fds) + (len(payload) > _INLINE)  # a big payload travels in one more fd
-        if total > MAX_FDS:
+        """Have the zygote start a task (``fds``: the status pipe's write end, then the task
+        fds); return its pid."""
+        big = len(payload) > _INLINE  # it travels in one more fd, a memfd
+        if len(fds) + big > MAX_FDS:
             raise ValueError(
                 f"a task can be given at most {MAX_FDS} file descriptors, procsup's own pipes "
-                f"included; this one needs {total}"
+                f"included; this one needs {len(fds) + big}"
             )
         memfd = -1
         try:
-            if len(payload) > _INLINE:
+            if big:
                 memfd = os.memfd_create("procsup-task", os.MFD_CLOEXEC)
-                with open(memfd, "wb", closefd=False) as f:
-                    f.write(payload)
-                header: tuple[Any, ...] = ("spawn", list(preload), None, ward, fresh, stderr)
-                fds = [fds[0], memfd, *fds[1:]]
-            else:
-                header = ("spawn", list(preload), bytes(payload), ward, fresh, stderr)
-            reply = self._call(header, fds)
+                write_all(memfd, payload)
+                fds = [*fds, memfd]
+            request = Spawn(tuple(preload), None if big else bytes(payload), ward, fresh, stderr)
+            reply = self._call(request, fds)
         finally:
             if memfd >= 0:
                 os.close(memfd)
-        if reply[0] != "pid":
-            raise RuntimeError(f"procsup zygote could not start the task: {reply[1]}")
-        pid: int = reply[1]
-        return pid
+        match reply:
+            case Started(pid=pid):
+                return pid
+            case StartFailed(error=error):
+                raise RuntimeError(f"procsup zygote could not start the task: {error}")
+        raise _unexpected(reply)
 
-    def send(self, message: tuple[Any, ...], fds: list[int]) -> None:
-        """Send a message that has no reply (the zygote handles messages in order)."""
-        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+    def send(self, request: Request, fds: list[int]) -> None:
+        """Send a request that has no reply (the zygote handles requests in order)."""
+        data = pickle.dumps(request, pickle.HIGHEST_PROTOCOL)
         with self._lock:
-            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
-            self._sock.sendmsg([data], ancillary if fds else [])
+            send_fds(self._sock, data, fds)
 
-    def _call(self, message: tuple[Any, ...], fds: list[int]) -> tuple[Any, ...]:
-        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+    def _call(self, request: Request, fds: list[int]) -> Reply:
+        data = pickle.dumps(request, pickle.HIGHEST_PROTOCOL)
         with self._lock:
-            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
-            self._sock.sendmsg([data], ancillary if fds else [])
-            reply = self._sock.recv(1 << 16)
+            send_fds(self._sock, data, fds)
+            reply = self._sock.recv(1 << 16)  # no reply carries fds
         if not reply:
             raise RuntimeError("procsup zygote exited unexpectedly")
-        result: tuple[Any, ...] = pickle.loads(reply)
+        result: Reply = pickle.loads(reply)
         return result
 
     def close(self) -> None:
@@ -505,6 +493,10 @@ class _Zygote:
 
     def fds(self) -> list[int]:
         return [self._sock.fileno()] if self._pid == os.getpid() else []
+
+
+def _unexpected(reply: Reply) -> RuntimeError:
+    return RuntimeError(f"procsup zygote replied out of turn: {reply!r}")
 
 
 def import_modules(names: Sequence[str]) -> list[tuple[str, str]]:

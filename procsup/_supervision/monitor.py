@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import select
@@ -51,6 +52,7 @@ from typing import Any, Protocol
 import psutil
 
 from procsup._os import tree as _contain
+from procsup._os.fds import drain, pump
 from procsup._os.tree import ExitInfo
 from procsup._outcome import crash as _crash
 from procsup._outcome import remote as _remote
@@ -60,7 +62,6 @@ from procsup._outcome.errors import (
     TaskFailedError,
     TaskPanickedError,
 )
-from procsup._process.guardian import drain
 from procsup._process.stdio import StderrTap
 from procsup._process.zygote import ForkProcess, Shim, ZygoteProcess
 from procsup._supervision.runtime import Facts, RunSpec
@@ -310,20 +311,17 @@ class Monitor:
 
     def _read(self, task: TaskRecord, budget: int | None) -> None:
         """Read what the pipe holds (up to ``budget`` chunks); decode once the frame is whole."""
-        while task.conn is not None and (budget is None or budget > 0):
-            try:
-                data = os.read(task.conn.fileno(), _READ_CHUNK)
-            except BlockingIOError:
-                break
-            if not data:
-                self._unwatch(task.conn.fileno())
-                task.conn.close()
-                task.conn = None
-                break
-            if task.reader.feed(data) and task.reader.body is not None:  # whole, not decoded
-                self._decode(task)
-            if budget is not None:
-                budget -= 1
+        if task.conn is None:
+            return
+        fd = task.conn.fileno()
+        if not pump(fd, functools.partial(self._feed, task), budget, _READ_CHUNK):
+            self._unwatch(fd)
+            task.conn.close()
+            task.conn = None
+
+    def _feed(self, task: TaskRecord, data: bytes) -> None:
+        if task.reader.feed(data) and task.reader.body is not None:  # whole, not decoded
+            self._decode(task)
 
     def _decode(self, task: TaskRecord) -> None:
         assert task.reader.body is not None
