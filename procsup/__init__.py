@@ -17,6 +17,7 @@ from procsup._outcome.errors import (
 from procsup._supervision.handle import CriticalTaskExecutionHandle
 from procsup._supervision.status import EventStream, TaskEvent, TaskSnapshot
 from procsup._supervision.supervisor import Supervisor, default_supervisor
+from procsup._token.current import current_token
 from procsup._token.token import CancellationToken, DropGuard
 
 __all__ = [
@@ -33,5 +34,6 @@ __all__ = [
     "TaskFailedError",
     "TaskPanickedError",
     "TaskSnapshot",
+    "current_token",
     "default_supervisor",
 ]

@@ -18,7 +18,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from procsup import CancellationToken, Supervisor
+from procsup import CancellationToken, Supervisor, current_token
 
 DEADLINE = 30.0  # seconds; far beyond anything a passing test waits
 HUGE = 64 * 1024 * 1024
@@ -225,3 +225,8 @@ def nested(token: CancellationToken, start_method: str) -> None:
     """Run a failing critical task inside this one and let its error propagate."""
     with Supervisor(start_method=start_method) as sup:
         sup.spawn(fail, "inner", args=("inner failure",), parent_token=token).join(DEADLINE)
+
+
+def current_is_mine(token: CancellationToken) -> bool:
+    """Whether procsup.current_token() in the task is the token it was given."""
+    return current_token() == token

@@ -41,6 +41,7 @@ from procsup._os.proc import detach_process_group
 from procsup._os.tree import enter_task
 from procsup._outcome.remote import encode_error, encode_return
 from procsup._process.stdio import attach
+from procsup._token.current import set_current_token
 from procsup._token.token import CancellationToken
 
 __all__ = ["main"]
@@ -109,6 +110,7 @@ def main(
     enter_task()  # a subreaper: descendants stay below the task while it lives (procsup._os.tree)
     if stderr is not None:
         attach(stderr)
+    set_current_token(token)
     frame = _outcome(task_fn, token, args, kwargs)
     try:
         write_all(writer.fileno(), frame)
