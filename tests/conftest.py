@@ -191,3 +191,16 @@ def no_leaks() -> Iterator[None]:
             except psutil.NoSuchProcess:
                 pass
         pytest.fail("leak: " + "; ".join(problems))
+
+
+@pytest.fixture
+def report_pipe() -> Iterator[tuple[Connection, int]]:
+    """A pipe whose write end (a raw fd) goes to a supervisor subprocess; the reader stays here."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    reader = Connection(read_end, writable=False)
+    yield reader, write_end
+    reader.close()
+    try:
+        os.close(write_end)
+    except OSError:
+        pass

@@ -181,19 +181,6 @@ def _pgid(pid: int) -> int:
         return -1
 
 
-@pytest.fixture
-def report_pipe() -> Iterator[tuple[Connection, int]]:
-    """A pipe whose write end (a raw fd) goes to a supervisor subprocess; the reader stays here."""
-    read_end, write_end = os.pipe2(os.O_CLOEXEC)
-    reader = Connection(read_end, writable=False)
-    yield reader, write_end
-    reader.close()
-    try:
-        os.close(write_end)
-    except OSError:
-        pass
-
-
 def _script(scenario: str, method: str, grace: float, fd: int) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.supervisor_script", scenario, method, str(grace), str(fd)],

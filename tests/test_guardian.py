@@ -8,31 +8,16 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import psutil
-import pytest
 
 from tests.conftest import process_gone
 from tests.guardian_tasks import DEADLINE
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def report_pipe() -> Iterator[tuple[Connection, int]]:
-    """A pipe whose write end (a raw fd) goes to a supervisor subprocess; the reader stays here."""
-    read_end, write_end = os.pipe2(os.O_CLOEXEC)
-    reader = Connection(read_end, writable=False)
-    yield reader, write_end
-    reader.close()
-    try:
-        os.close(write_end)
-    except OSError:
-        pass
 
 
 def _next(reader: Connection) -> Any:
