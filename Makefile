@@ -32,8 +32,13 @@ test-load: $(STAMP)  ## make test with two CPU hogs beside it (the suite must pa
 	trap 'exit 130' INT TERM HUP; \
 	$(MAKE) --no-print-directory test
 
-demo: $(STAMP)  ## Set up, then run the demo (python -m procsup).
-	$(BIN)/python -m procsup
+# `python -m procsup` exits 1 by design: its default story ends with a crash that cancels the
+# root. make would call that an error, on a line after the story's last one, so status 1 passes
+# here; any other status (a real failure, 130 after Ctrl-C) still fails.
+DEMO := $(BIN)/python -m procsup
+
+demo: $(STAMP)  ## Set up, then run the demo (python -m procsup; its story ends in exit 1).
+	@echo '$(DEMO)'; $(DEMO); status=$$?; if [ $$status -eq 1 ]; then exit 0; fi; exit $$status
 
 bench: $(STAMP)  ## Run scripts/bench.py (ratios against floors measured in the same run).
 	$(BIN)/python scripts/bench.py

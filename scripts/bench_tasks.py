@@ -1,4 +1,5 @@
-"""Task bodies for scripts/bench.py (importable by the zygote, which cannot see ``__main__``)."""
+"""Task bodies for scripts/bench.py: importable, so they take the fast path, by reference (the
+zygote cannot see ``__main__``: what is defined there travels by value)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Task functions for the critical-task tests: importable, so they pickle under spawn/forkserver.
+"""Task functions for the critical-task tests: importable, so they pickle by reference.
 
 Every blocking wait here has a deadline (``DEADLINE``): a test that goes wrong fails, never hangs.
 Handshakes travel over a ``multiprocessing`` Connection passed in the task's args.

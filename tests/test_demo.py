@@ -443,3 +443,43 @@ def test_percentiles_are_measured_values() -> None:
     assert percentiles(samples) == {"p50": 50.0, "p90": 90.0, "p99": 99.0, "max": 100.0}
     assert percentiles([0.5]) == {"p50": 0.5, "p90": 0.5, "p99": 0.5, "max": 0.5}
     assert percentiles([]) == {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
+
+
+def _demo_recipe() -> str:
+    """The ``make demo`` recipe as the shell gets it, ``$(DEMO)`` left to fill in."""
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("demo:"))
+    recipe = []
+    for line in lines[start + 1 :]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line[1:])
+    text = "\n".join(recipe).replace("\\\n", "").lstrip("@")
+    assert "\n" not in text, "one shell runs the whole recipe only if it is one logical line"
+    assert text.count("$(DEMO)") == 2  # echoed, then run
+    text = text.replace("$$", "$")
+    assert "$(" not in text.replace("$(DEMO)", ""), "a make variable the test does not expand"
+    return text
+
+
+@pytest.mark.parametrize(
+    ("demo_status", "make_status"),
+    [(0, 0), (1, 0), (2, 2), (130, 130), (139, 139)],
+    ids=["graceful", "story ended as designed", "usage error", "Ctrl-C", "crashed"],
+)
+def test_make_demo_accepts_the_designed_exit_status(
+    demo_status: int, make_status: int, tmp_path: Path
+) -> None:
+    """Test the ``make demo`` recipe (run by sh as make would, with a stand-in demo; make itself
+    is not run, it would set up the virtualenv): exit 1, how the default story ends, passes, so
+    the output ends on the story's last line; any other failure still fails."""
+    stand_in = tmp_path / "demo"
+    stand_in.write_text(f'#!/bin/sh\necho "the story\'s last line"\nexit {demo_status}\n')
+    stand_in.chmod(0o755)
+    script = _demo_recipe().replace("$(DEMO)", str(stand_in))
+    proc = subprocess.run(
+        ["/bin/sh", "-c", script], capture_output=True, text=True, timeout=DEADLINE
+    )
+    assert proc.returncode == make_status
+    assert proc.stdout.splitlines() == [str(stand_in), "the story's last line"]
+    assert proc.stderr == ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import signal
+import threading
 import traceback
 
 import pytest
@@ -144,13 +145,30 @@ def test_unpicklable_exception_falls_back_to_text() -> None:
     """Test that an exception that cannot pickle arrives as a RemoteTraceback with the text."""
 
     class Local(Exception):
-        pass
+        def __init__(self, message: str) -> None:
+            super().__init__(message)
+            self.lock = threading.Lock()  # cannot be pickled, not even by value
 
-    report = _roundtrip(_raise_and_catch(Local("cannot be pickled by reference")))
+    report = _roundtrip(_raise_and_catch(Local("cannot be pickled")))
     rebuilt = _remote.rebuild(report)
     assert isinstance(rebuilt, RemoteTraceback)
     assert "Local" in rebuilt.type_name
     assert "_raise_and_catch" in rebuilt.text
+
+
+def test_local_exception_class_goes_by_value() -> None:
+    """Test that an exception whose class cannot be named by reference (a local class, one of
+    the parent's ``__main__``) is pickled by value, traceback included, and comes back as an
+    instance of the class it was raised as."""
+
+    class Local(Exception):
+        pass
+
+    report = _roundtrip(_raise_and_catch(Local("by value")))
+    rebuilt = _remote.rebuild(report)
+    assert type(rebuilt) is Local
+    assert str(rebuilt) == "by value"
+    assert rebuilt.__traceback__ is not None
 
 
 def test_panic_flag() -> None:

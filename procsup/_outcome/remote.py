@@ -23,6 +23,11 @@ Things that don't work
 - ``tblib.pickling_support.install()``: it rewires pickling of every exception class in the
   process, the user's included. A private ``Pickler.reducer_override`` does the same for our one
   pickle only.
+- Only by reference for results and exceptions: a task that came by value (a lambda, a closure,
+  the parent's ``__main__``: ``procsup._process.reduction``) returns and raises instances of
+  classes that came with it, which have no importable name in the child. Pickling falls back on
+  cloudpickle, so the parent gets its own class back (cloudpickle tracks classes it sent by
+  value); under ``fork`` the same values go by reference, and the outcome is the same.
 - Plain pickle for exceptions: it drops tracebacks and chains, and replays ``cls(*args)``, which
   fails in the parent for any class whose ``__init__`` takes other arguments than it passes up;
   tblib rebuilds those through ``__new__`` and their ``__dict__``.
@@ -33,6 +38,7 @@ Things that don't work
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import struct
@@ -88,15 +94,33 @@ class Returned:
     value: Any
 
 
+def _reduce_traceback(obj: Any) -> Any:
+    if isinstance(obj, TracebackType):
+        return pickling_support.pickle_traceback(obj)
+    if isinstance(obj, BaseException):
+        return pickling_support.pickle_exception(obj)
+    return NotImplemented
+
+
 class _TracebackPickler(pickle.Pickler):
     """Pickles exceptions with their traceback and chain (tblib), without touching copyreg."""
 
     def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, TracebackType):
-            return pickling_support.pickle_traceback(obj)
-        if isinstance(obj, BaseException):
-            return pickling_support.pickle_exception(obj)
-        return NotImplemented
+        return _reduce_traceback(obj)
+
+
+@functools.cache
+def _by_value_traceback_pickler() -> type[pickle.Pickler]:
+    """``_TracebackPickler`` on cloudpickle: classes and functions that cannot be named by
+    reference here (the user's ``__main__``, a local class) go by value."""
+    import cloudpickle
+
+    class ByValueTracebackPickler(cloudpickle.Pickler):  # type: ignore[misc]
+        def reducer_override(self, obj: Any) -> Any:
+            reduced = _reduce_traceback(obj)
+            return super().reducer_override(obj) if reduced is NotImplemented else reduced
+
+    return ByValueTracebackPickler
 
 
 def _frame(kind: bytes, payload: bytes) -> bytes:
@@ -104,8 +128,21 @@ def _frame(kind: bytes, payload: bytes) -> bytes:
 
 
 def encode_return(value: Any) -> bytes:
-    """Return the frame carrying ``value``; raises whatever pickling ``value`` raises."""
-    return _frame(_RETURN, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+    """Return the frame carrying ``value``; raises whatever pickling ``value`` by reference
+    raises if it cannot be pickled by value (cloudpickle) either."""
+    try:
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # noqa: BLE001 - a __reduce__ may raise anything
+        # Its class came by value (the parent's __main__, a REPL, a local class) and has no
+        # importable name here: send it back the way it came, the parent knows it by
+        # cloudpickle's tracker id. The fast path above never imports cloudpickle.
+        import cloudpickle
+
+        try:
+            data = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # noqa: BLE001 - the by-reference error says more
+            raise exc from None
+    return _frame(_RETURN, data)
 
 
 def _type_name(cls: type) -> str:
@@ -114,22 +151,28 @@ def _type_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _pickle_exception(exc: BaseException) -> bytes | None:
+def _dump_exception(exc: BaseException, pickler: type[pickle.Pickler]) -> bytes | None:
     buf = io.BytesIO()
     try:
-        _TracebackPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(exc)
+        pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(exc)
         return buf.getvalue()
-    except Exception:  # noqa: BLE001 - any failure to pickle means "send the text instead"
-        pass
+    except Exception:  # noqa: BLE001 - any failure to pickle means "try another way"
+        return None
+
+
+def _pickle_exception(exc: BaseException) -> bytes | None:
+    # By reference first (no cloudpickle import on the common path), then by value: an exception
+    # class from the parent's __main__ (it came by value with the task) or a local one.
+    data = _dump_exception(exc, _TracebackPickler)
+    if data is None:
+        data = _dump_exception(exc, _by_value_traceback_pickler())
+    if data is not None:
+        return data
     # Perhaps only something in the chain is unpicklable: keep the exception and its traceback.
     saved = exc.__cause__, exc.__context__, exc.__suppress_context__
     exc.__cause__ = exc.__context__ = None
     try:
-        buf = io.BytesIO()
-        _TracebackPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(exc)
-        return buf.getvalue()
-    except Exception:  # noqa: BLE001
-        return None
+        return _dump_exception(exc, _by_value_traceback_pickler())
     finally:
         exc.__cause__, exc.__context__, exc.__suppress_context__ = saved
 

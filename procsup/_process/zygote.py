@@ -5,7 +5,8 @@
     supervisor process                                zygote  (python -c "...serve()", spawned once)
     ──────────────────                                ───────────────────────────────────────────
     ZygoteProcess.start()                             single-threaded; procsup, the preload list
-      pickle (target, args) while "spawning":         and each task's module already imported
+      pickle (target, args) while "spawning",         and each task's module already imported
+      by reference or by value (reduction):
       tokens, Connections ─ DupFd ─▶ FdRef(index)
       status pipe: keep r, send w
       Spawn(...) + fds ───────────── sendmsg ───────▶ recvmsg: the Spawn and its fds (SCM_RIGHTS)
@@ -91,6 +92,7 @@ from procsup._process.messages import (
     SyncPath,
     Ward,
 )
+from procsup._process.reduction import UnpicklableError, value_pickler
 from procsup._token.token import CancellationToken, borrow_args
 
 __all__ = [
@@ -302,7 +304,8 @@ class Shim:
 
 
 class ZygoteProcess(_LeanProcess):
-    """A child forked by the zygote; ``preload`` names modules the zygote imports first."""
+    """A child forked by the zygote; ``preload`` names modules the zygote imports first.
+    ``by_value``: pickle with cloudpickle (``procsup._process.reduction``), not by reference."""
 
     def __init__(
         self,
@@ -314,9 +317,11 @@ class ZygoteProcess(_LeanProcess):
         grace: float = 5.0,
         fresh: bool = False,
         stderr: int = -1,
+        by_value: bool = False,
     ) -> None:
         super().__init__(target, args, name)
         self._preload = tuple(preload)
+        self.by_value = by_value  # read by the caller to explain a failure
         self._token = token  # the zygote cancels it if the supervisor dies (then SIGTERM, SIGKILL)
         self._grace = grace
         self._fresh = fresh  # spawn: the zygote's child execs a fresh interpreter
@@ -326,11 +331,13 @@ class ZygoteProcess(_LeanProcess):
 
     def start(self) -> None:
         buffer = io.BytesIO()
+        pickler = value_pickler() if self.by_value else multiprocessing.reduction.ForkingPickler
         multiprocessing.context.set_spawning_popen(self)  # type: ignore[arg-type]
         try:
-            multiprocessing.reduction.ForkingPickler(buffer, pickle.HIGHEST_PROTOCOL).dump(
-                (self._target, self._args)
-            )
+            try:
+                pickler(buffer, pickle.HIGHEST_PROTOCOL).dump((self._target, self._args))
+            except Exception as exc:  # any __reduce__ may raise anything: none of it is ours
+                raise UnpicklableError(f"{type(exc).__name__}: {exc}") from exc
             ward = None
             if self._token is not None:
                 ward = Ward(self._grace, *borrow_args(self._token, self))
@@ -344,6 +351,11 @@ class ZygoteProcess(_LeanProcess):
             # zygote's own are those of this process when it started the zygote.
             preparation = multiprocessing.spawn.get_preparation_data(self.name)
             preparation["authkey"] = bytes(preparation["authkey"])  # refuses to pickle otherwise
+            main = preparation.get("init_main_from_path")
+            if main is not None and not os.path.isfile(main):
+                # ``python - < script.py`` names its main "<stdin>": the child could not run it
+                # as ``__mp_main__`` and would die preparing. What it defines comes by value.
+                del preparation["init_main_from_path"]
             flags = multiprocessing.util._args_from_interpreter_flags()  # type: ignore[attr-defined]
             fresh = FreshStart(
                 [multiprocessing.spawn.get_executable(), *flags],

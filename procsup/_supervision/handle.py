@@ -72,9 +72,12 @@ class CriticalTaskExecutionHandle(Generic[T]):
     whether or not the handle is still held. ``handle.cancel()`` asks the task to stop gracefully
     and never touches the parent.
 
-    ``task_fn`` may be an ``async def``; it then runs in a fresh event loop in the child. Under the
-    spawn and forkserver start methods it must be importable (defined at module level), and args
-    and kwargs picklable; tokens, multiprocessing Events, Values and Queues may be among them.
+    ``task_fn`` may be an ``async def``; it then runs in a fresh event loop in the child. It may be
+    defined anywhere: in a module, in ``__main__`` (a script, ``python -c``, a REPL, a notebook),
+    as a lambda, a closure, a ``functools.partial`` or a bound method. Under the spawn and
+    forkserver start methods the call is pickled: by reference if the child can import it, else
+    by value (cloudpickle). Tokens, multiprocessing Events, Values and Queues may be among the
+    args and kwargs. Under fork nothing is pickled.
 
     Args:
         task_fn: The task; called in the child with its token first.
@@ -85,9 +88,10 @@ class CriticalTaskExecutionHandle(Generic[T]):
         runtime: The ``Supervisor`` to run under; None means the process-wide default one.
 
     Raises:
-        TypeError: ``task_fn`` is not callable or (under spawn/forkserver) not importable, or
-            ``parent_token``, ``description``, ``args``, ``kwargs`` or ``runtime`` has a wrong
-            type, or the arguments cannot be pickled. No process is started then.
+        TypeError: ``task_fn`` is not callable, or ``parent_token``, ``description``, ``args``,
+            ``kwargs`` or ``runtime`` has a wrong type, or (under spawn/forkserver) ``task_fn``
+            or an argument cannot be pickled, not even by value: the message names it. No
+            process is started then.
         RuntimeError: ``runtime`` has been shut down.
 
     A handle must be joined (``join``, ``join_async``, ``stop``) or ``detach()``-ed before it is

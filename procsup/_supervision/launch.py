@@ -10,6 +10,9 @@
             forkserver: a ZygoteProcess (procsup's preloaded zygote forks it)
             spawn: a ZygoteProcess too (the zygote forks, the child execs a fresh interpreter)
             fork: a ForkProcess (os.fork() here makes a shim, which forks the task)
+            the call is pickled by reference, or by value where it must be (lambdas, closures,
+            __main__: procsup._process.reduction); nothing is pickled under fork
+            a pickle that fails ─▶ TypeError naming the task and the piece that fails alone
         close our copies of the child's ends; fork tasks: the zygote guards their shim too
         TaskRecord ─▶ Monitor.add()  (procsup._supervision.monitor)
 
@@ -24,14 +27,13 @@ import inspect
 import logging
 import multiprocessing
 import os
-import pickle
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from procsup._os import tree
 from procsup._os.proc import enlarge_pipe
 from procsup._process import entry
+from procsup._process.reduction import UnpicklableError, by_value, culprit, home_module
 from procsup._process.setup import Prepared, open_channels
 from procsup._process.stdio import StderrTap
 from procsup._process.zygote import ForkProcess, ZygoteProcess, guard, uninterrupted
@@ -39,7 +41,7 @@ from procsup._supervision.monitor import Monitor, TaskRecord
 from procsup._supervision.runtime import RunSpec
 from procsup._token.token import CancellationToken
 
-__all__ = ["LocalConfig", "check_importable", "launch"]
+__all__ = ["LocalConfig", "launch"]
 
 logger = logging.getLogger("procsup")
 
@@ -57,26 +59,6 @@ class LocalConfig:
     start_method: str
     preload: tuple[str, ...]
     grace: float
-
-
-def check_importable(task_fn: Callable[..., Any], description: str, method: str) -> None:
-    """Under spawn and forkserver, ``task_fn`` travels by reference: TypeError if it cannot."""
-    if method == "fork":
-        return
-    qualname = getattr(task_fn, "__qualname__", "")
-    problem = None
-    if "<lambda>" in qualname or "<locals>" in qualname:
-        problem = f"{qualname} is a lambda or a closure"
-    else:
-        try:
-            pickle.dumps(task_fn)
-        except Exception as exc:  # noqa: BLE001 - any pickling failure gets the same advice
-            problem = f"it cannot be pickled ({exc})"
-    if problem:
-        raise TypeError(
-            f"task_fn for critical task {description!r} must be importable under the "
-            f"{method!r} start method, i.e. defined at module level: {problem}"
-        )
 
 
 def launch(config: LocalConfig, monitor: Monitor, spec: RunSpec) -> TaskRecord:
@@ -97,8 +79,7 @@ def launch(config: LocalConfig, monitor: Monitor, spec: RunSpec) -> TaskRecord:
     target = Prepared(spec.task_fn, setup)
     proc = _process(
         config,
-        spec.task_fn,
-        description,
+        spec,
         (target, tuple(spec.args), dict(spec.kwargs), writer, spec.token, stderr.child_end),
     )
 
@@ -114,12 +95,10 @@ def launch(config: LocalConfig, monitor: Monitor, spec: RunSpec) -> TaskRecord:
         proc.start()
     except BaseException as exc:
         uninterrupted(discard)
-        if isinstance(exc, pickle.PicklingError | TypeError | AttributeError):
-            raise TypeError(
-                f"critical task {description!r} could not be started: its function, args "
-                f"and kwargs must be picklable under the {config.start_method!r} start method "
-                f"({exc})"
-            ) from exc
+        if isinstance(exc, UnpicklableError):
+            value = isinstance(proc, ZygoteProcess) and proc.by_value
+            error, cause = _unpicklable(config, spec, value, exc)
+            raise error from cause
         raise
     try:  # until the supervision thread has it, a Ctrl-C here must not leave the task running
         writer.close()  # so the child holds the only write end we know of
@@ -147,30 +126,69 @@ def launch(config: LocalConfig, monitor: Monitor, spec: RunSpec) -> TaskRecord:
 
 
 def _process(
-    config: LocalConfig, task_fn: Callable[..., Any], description: str, args: tuple[Any, ...]
+    config: LocalConfig, spec: RunSpec, args: tuple[Any, ...]
 ) -> ForkProcess | ZygoteProcess:
     """A not yet started process that will run ``entry.main(*args)``."""
-    name = f"procsup: {description}"
+    name = f"procsup: {spec.description}"
     # For the zygote: the token it cancels if we die, the grace it gives, the task's stderr pipe.
     token, stderr, grace = args[4], args[5].fileno(), config.grace
     # An async task needs asyncio, which ``import procsup`` leaves out (procsup._supervision.aio):
     # have it imported where tasks are forked from, once, rather than in every task.
-    needs = ["asyncio"] if inspect.iscoroutinefunction(task_fn) else []
-    if config.start_method == "fork":
+    needs = ["asyncio"] if inspect.iscoroutinefunction(spec.task_fn) else []
+    if config.start_method == "fork":  # nothing is pickled: the child is a copy
         for needed in needs:
             importlib.import_module(needed)
         return ForkProcess(entry.main, args, name, grace=grace)
+    # Decided before pickling, from a look at the call (procsup._process.reduction).
+    value = by_value(spec.task_fn, spec.args, spec.kwargs)
     if config.start_method == "spawn":  # the zygote forks and execs a fresh interpreter
         return ZygoteProcess(
-            entry.main, args, name, fresh=True, token=token, grace=grace, stderr=stderr
+            entry.main,
+            args,
+            name,
+            fresh=True,
+            token=token,
+            grace=grace,
+            stderr=stderr,
+            by_value=value,
         )
-    module = getattr(task_fn, "__module__", None)
     preload = [*config.preload, *needs]
-    if module not in (None, "__main__"):
+    if value:  # a by-value payload names cloudpickle's helpers: import them once, there
+        preload.append("cloudpickle")
+    module = home_module(spec.task_fn)  # never __main__: that is the zygote's own
+    if module is not None:
         preload.append(module)
     return ZygoteProcess(
-        entry.main, args, name, preload=preload, token=token, grace=grace, stderr=stderr
+        entry.main,
+        args,
+        name,
+        preload=preload,
+        token=token,
+        grace=grace,
+        stderr=stderr,
+        by_value=value,
     )
+
+
+def _unpicklable(
+    config: LocalConfig, spec: RunSpec, value: bool, exc: UnpicklableError
+) -> tuple[TypeError, Exception]:
+    """The TypeError for a call that could not be pickled, and its cause: it names the task and,
+    if one piece fails alone, that piece and why."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+    what, hint = "its function, args or kwargs", ""
+    found = culprit(spec.task_fn, spec.args, spec.kwargs, value)
+    if found is not None:
+        what, cause, fixable = found
+        if fixable:  # deep inside an argument, out of by_value()'s sight
+            hint = "; it would pickle by value: pass the call as a lambda or closure to send it so"
+    how = ", not even by value (cloudpickle)," if value else ""
+    error = TypeError(
+        f"critical task {spec.description!r} could not be started: {what} cannot be pickled"
+        f"{how} under the {config.start_method!r} start method "
+        f"({type(cause).__name__}: {cause}){hint}"
+    )
+    return error, cause
 
 
 def _guard(config: LocalConfig, proc: ForkProcess, token: CancellationToken) -> None:

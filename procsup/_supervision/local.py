@@ -3,7 +3,7 @@
 ::
 
     Supervisor ─ LocalBackend(LocalConfig): the runtime protocol (procsup._supervision.runtime)
-                   start(spec): check_importable, first start: preload, Monitor ─▶ launch()
+                   start(spec): first start: preload, Monitor ─▶ launch()
                    stop(runs, grace, ...): Ladder (procsup._os.tree) ─ first step (the cancel) here,
                        the rest on the Monitor's timers: SIGTERM, freeze and SIGKILL, report
                    call_later(): the Monitor's timers (restarts, timeouts)
@@ -32,9 +32,10 @@ import psutil
 
 from procsup._os import proc, tree
 from procsup._os.tree import Ladder
+from procsup._process.reduction import home_module
 from procsup._process.zygote import import_modules
 from procsup._process.zygote import preload as zygote_preload
-from procsup._supervision.launch import LocalConfig, check_importable, launch
+from procsup._supervision.launch import LocalConfig, launch
 from procsup._supervision.monitor import Monitor, TaskRecord
 from procsup._supervision.runtime import Run, RunSpec
 from procsup._supervision.timers import Timer
@@ -123,7 +124,6 @@ class LocalBackend:
         return self._monitor is not None
 
     def start(self, spec: RunSpec) -> TaskRecord:
-        check_importable(spec.task_fn, spec.description, self.config.start_method)
         if os.getpid() != self._pid:
             raise RuntimeError("a Supervisor cannot be used in a process forked from its owner")
         with self._lock:
@@ -131,7 +131,7 @@ class LocalBackend:
                 raise RuntimeError("this Supervisor has been shut down")
             monitor = self._monitor
             if monitor is None:
-                monitor = self._monitor = self._boot(getattr(spec.task_fn, "__module__", None))
+                monitor = self._monitor = self._boot(home_module(spec.task_fn))
         return launch(self.config, monitor, spec)
 
     def _boot(self, task_module: str | None) -> Monitor:

@@ -230,7 +230,9 @@ class Supervisor:
 
         Raises:
             TypeError, ValueError: a bad argument (ValueError for a bad value: a negative limit,
-                an unknown policy); no process is started then.
+                an unknown policy; TypeError for a ``task_fn`` or an argument that cannot be
+                pickled under spawn or forkserver, named in the message); no process is started
+                then.
             ImportError: a ``preload`` module raised when imported (the first spawn imports
                 them); the message names it and its error, and no process is started.
             RuntimeError: after ``shutdown()``.

@@ -1,9 +1,10 @@
 """The demo's critical tasks: each does something visible, and cleans up when its token fires.
 
-They live here, not in ``__main__``, because spawn and forkserver children import task functions
-by module path. Each one names its process (``demo:cpu`` ...) so ``ps``/``top`` and the demo's live
-view can tell them apart, never prints (the demo's terminal and ``--json`` stream belong to the
-parent), and returns its cleanup message: the return value is how a graceful shutdown reports.
+They live here, not in ``__main__``, so that spawn and forkserver children import them by module
+path, the fast way to start (code in ``__main__`` would travel by value). Each one names its
+process (``demo:cpu`` ...) so ``ps``/``top`` and the demo's live view can tell them apart, never
+prints (the demo's terminal and ``--json`` stream belong to the parent), and returns its cleanup
+message: the return value is how a graceful shutdown reports.
 
 The story's handshakes: a schedule ("segfaults after 5 s") puts the events in the story's order on
 an idle machine only. So a task whose act ends the story takes a ``cue`` (a ``Cue``) and, once its
