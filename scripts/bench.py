@@ -6,6 +6,7 @@ The machine is shared and noisy, so absolute numbers mean little; the ratios are
     python scripts/bench.py tokens         # one section
     python scripts/bench.py --quick        # fewer runs, for a smoke test
     python scripts/bench.py hygiene        # supervisor RSS over 10,000 tasks (slope in bytes/task)
+    python scripts/bench.py ray            # procsup.ray on a local two-node Ray cluster
 """
 
 from __future__ import annotations
@@ -544,11 +545,19 @@ def hygiene_section(quick: bool) -> list[Row]:
     return default + bench_rss_flat(300 if quick else 2_000, 50 if quick else 200, "fork")
 
 
+def ray_section(quick: bool) -> list[Row]:
+    import bench_ray  # beside this script; imports Ray, which only this section needs
+
+    rows: list[Row] = bench_ray.ray_section(quick, Row)
+    return rows
+
+
 SECTIONS: dict[str, Callable[[bool], list[Row]]] = {
     "tokens": tokens_section,
     "tasks": tasks_section,
     "daemon": daemon_section,
     "hygiene": hygiene_section,
+    "ray": ray_section,
 }
 
 

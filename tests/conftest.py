@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import multiprocessing.forkserver
@@ -89,8 +90,32 @@ def helper_pids() -> set[int]:
     return {pid for pid in pids if pid is not None}
 
 
+_FOREIGN: list[Callable[[psutil.Process], bool]] = []
+
+
+@contextlib.contextmanager
+def foreign_processes(owned: Callable[[psutil.Process], bool]) -> Iterator[None]:
+    """In this block, the leak check leaves alone the descendants that ``owned`` claims: those of a
+    service that a test module starts once for all its tests and stops at its end (a Ray cluster:
+    its daemons, and the worker processes it starts and ends on its own schedule). Whatever they
+    start that ``owned`` does not claim (procsup's zygotes and tasks under a Ray agent) is still
+    checked after every test; the module checks that the service itself left nothing."""
+    _FOREIGN.append(owned)
+    try:
+        yield
+    finally:
+        _FOREIGN.remove(owned)
+
+
+def _foreign(proc: psutil.Process) -> bool:
+    try:
+        return any(owned(proc) for owned in _FOREIGN)
+    except psutil.Error:  # exiting: counted until it is gone
+        return False
+
+
 def _children() -> frozenset[int]:
-    found = {p.pid for p in psutil.Process().children(recursive=True)}
+    found = {p.pid for p in psutil.Process().children(recursive=True) if not _foreign(p)}
     # The helpers after the listing: a spare forked in between is one of them by then.
     return frozenset(found - helper_pids())
 

@@ -28,6 +28,7 @@ class FakeRun:
     def __init__(self, spec: RunSpec, pid: int) -> None:
         self.spec = spec
         self.pid = pid
+        self.node_id: str | None = None
         self.exitcode: int | None = None
         self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self.future.set_running_or_notify_cancel()

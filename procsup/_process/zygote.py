@@ -102,8 +102,10 @@ __all__ = [
     "daemon_fds",
     "guard",
     "import_modules",
+    "lead_own_process_group",
     "preload",
     "run_target",
+    "shutdown",
     "uninterrupted",
     "zygote_pids",
 ]
@@ -401,6 +403,7 @@ class _Zygote:
 
     _instance: _Zygote | None = None
     _instance_lock = threading.Lock()
+    own_group = False  # lead a process group of its own (``lead_own_process_group()``)
 
     def __init__(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -417,6 +420,7 @@ class _Zygote:
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
             close_fds=True,
+            process_group=0 if self.own_group else None,
         )
         theirs.close()
         self._path: list[str] = []
@@ -534,6 +538,26 @@ def preload(names: Sequence[str]) -> list[tuple[str, str]]:
     zygote = _Zygote.get()
     zygote.sync_path()
     return zygote.preload(names)
+
+
+def lead_own_process_group() -> None:
+    """Start this process's zygote (when it starts) in a process group of its own.
+
+    For a host process whose own process group is killed when it exits (a Ray worker: Ray kills a
+    dead worker's group): the zygote must outlive its host to stop the host's tasks on their
+    ladder (``procsup._process.guardian``). A zygote already running keeps its group.
+    """
+    _Zygote.own_group = True
+
+
+def shutdown() -> None:
+    """Close this process's zygote, if it has one: the zygote exits (its guardian first stops any
+    task still running, on its ladder). For a process that outlives its last task on purpose and
+    must leave nothing behind, e.g. a Ray agent let go by its driver (``procsup._ray.agent``)."""
+    with _Zygote._instance_lock:
+        zygote, _Zygote._instance = _Zygote._instance, None
+    if zygote is not None and zygote._pid == os.getpid():
+        zygote.close()
 
 
 def daemon_fds() -> list[int]:

@@ -6,7 +6,7 @@ whether or not anybody holds the handle. What the handle adds is the seed's cont
 caller: ``join()`` or ``detach()`` before letting go.
 
 A handle runs under a ``Runtime``: anything that makes a task's ``Lifecycle`` (``Supervisor``,
-and the Ray supervisor next). The default one, the process-wide ``default_supervisor()``, is
+and ``procsup.ray.RaySupervisor``). The default one, the process-wide ``default_supervisor()``, is
 named by ``procsup._supervision.supervisor`` when it is imported (``set_default_runtime``): the
 handle sits below the supervisor, which returns handles from ``spawn()``.
 
@@ -85,7 +85,8 @@ class CriticalTaskExecutionHandle(Generic[T]):
         description: Names the task in errors, logs and the parent's cancellation cause.
         args: Positional arguments after the token.
         kwargs: Keyword arguments, or None.
-        runtime: The ``Supervisor`` to run under; None means the process-wide default one.
+        runtime: The ``Supervisor`` (or ``procsup.ray.RaySupervisor``) to run under; None means
+            the process-wide default one.
 
     Raises:
         TypeError: ``task_fn`` is not callable, or ``parent_token``, ``description``, ``args``,
@@ -190,6 +191,12 @@ class CriticalTaskExecutionHandle(Generic[T]):
     def pid(self) -> int:
         """The task's process id (of its current run, for a task that was restarted)."""
         return self._task.pid
+
+    @property
+    def node_id(self) -> str | None:
+        """The Ray node (hex id) of the task's current run (``procsup.ray.RaySupervisor``), or
+        None for a task on this machine: where ``pid`` is."""
+        return self._task.node_id
 
     @property
     def restarts(self) -> int:

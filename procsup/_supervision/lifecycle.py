@@ -33,7 +33,8 @@ sleep there. - Reusing the first run's token: a cancelled token stays cancelled.
   timeout starts the backend's ladder (``backend.stop(failure=True)``), which steps on timers.
 
 Everything this module knows of processes is the runtime protocol
-(``procsup._supervision.runtime``): the same code supervises local processes and Ray actors.
+(``procsup._supervision.runtime``): the same code supervises local processes and processes on
+the nodes of a Ray cluster (``procsup._ray``).
 """
 
 from __future__ import annotations

@@ -140,6 +140,11 @@ class TaskRecord:
         self._ps: psutil.Process | None = None  # for cpu_percent between two facts()
 
     @property
+    def node_id(self) -> None:
+        """None: a local run's process is on this machine."""
+        return None
+
+    @property
     def received(self) -> int:
         """Bytes of the result frame read so far (for the crash record)."""
         return self.reader.received

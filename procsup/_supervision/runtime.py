@@ -2,7 +2,7 @@
 
 ::
 
-    supervision (this layer)                       a backend (local processes; Ray next)
+    supervision (this layer)                       a backend (local processes; procsup._ray)
     ────────────────────────                       ─────────────────────────────────────
     Lifecycle ── start(RunSpec) ─────────────────▶ a process runs task_fn(token, *args, **kwargs)
               ◀─ Run: pid, future, facts() ───────
@@ -41,7 +41,8 @@ Who calls what, from which thread:
   policy that decides for itself passes False.
 - ``Run.facts()``: any thread; pid, resident memory and CPU use now (None where unknown, e.g. the
   process just exited). ``Run.pid`` is known once ``start`` returns; ``Run.exitcode`` once it
-  has been reaped.
+  has been reaped. ``Run.node_id`` says which machine the pid is on: None for this one, a Ray
+  node id (hex) for a run on a Ray cluster.
 - ``stop(runs, grace, cancel_reason, stop_reason, failure=...)``: any thread, never blocks for
   longer than the ladder's first step (the cancel). The rest happens on the outcome thread. A
   run signalled with ``failure=False`` ends as a stop (``TaskCrashedError(stopped=True)``, its
@@ -115,6 +116,11 @@ class Run(Protocol):
 
     @property
     def exitcode(self) -> int | None: ...
+
+    @property
+    def node_id(self) -> str | None:
+        """The Ray node (hex id) the process is on; None for a process on this machine."""
+        ...
 
     @property
     def future(self) -> concurrent.futures.Future[Any]: ...

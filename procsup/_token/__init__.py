@@ -1,7 +1,8 @@
 """Cancellation tokens that work across processes and survive a killed holder.
 
 Owns: the futex calls (``futex``), the shared-memory arena of token nodes and its lock
-(``arena``), and ``CancellationToken`` itself (``token``).
+(``arena``), ``CancellationToken`` itself (``token``), and watching many tokens from one thread
+(``watch``).
 
 May import: ``procsup._os``.
 

@@ -503,6 +503,13 @@ class Arena:
         finally:
             futex_add(count, -1, wake=False)
 
+    def count_pull_waiter(self, delta: int) -> tuple[int, int]:
+        """Count (``delta`` 1) or uncount (-1) a waiter sleeping on the epoch, as ``wait_pulled``
+        does for its one word: a watcher of many words (``procsup._token.watch``) sleeps on the
+        epoch too while one of them reads ``PULL`` only. Returns the epoch's address and value."""
+        futex_add(self.address + _H_PULL_WAITERS * 4, delta, wake=False)  # a full barrier
+        return self.address + _H_EPOCH * 4, self.words[_H_EPOCH]
+
     def wake_pulled(self) -> None:
         """Wake every waiter sleeping in ``wait_pulled`` (they look again)."""
         futex_add(self.address + _H_EPOCH * 4, 1, wake=True)

@@ -9,11 +9,12 @@ state behind: exactly what a kill-safe cancellation flag needs. The words live i
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import sys
 
-__all__ = ["futex_add", "futex_or_wake", "futex_wait", "futex_wake"]
+__all__ = ["WAITV_MAX", "futex_add", "futex_or_wake", "futex_wait", "futex_waitv", "futex_wake"]
 
 if not sys.platform.startswith("linux"):  # pragma: no cover - procsup targets Linux
     raise ImportError(f"procsup needs Linux futexes (sys.platform is {sys.platform!r})")
@@ -42,8 +43,22 @@ _OP_ADD = 1 << 28
 _OP_OR_SHIFT = (2 | 8) << 28
 
 
+_SYS_FUTEX_WAITV = 449  # Linux >= 5.16; one number on every architecture (a newer syscall)
+_FUTEX2_SIZE_U32 = 0x02
+WAITV_MAX = 128  # the kernel's limit on the words of one futex_waitv
+
+
 class _Timespec(ctypes.Structure):
     _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
+class _Waitv(ctypes.Structure):
+    _fields_ = (
+        ("val", ctypes.c_uint64),
+        ("uaddr", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+    )
 
 
 # CDLL (not PyDLL) releases the GIL for the duration of the call.
@@ -75,6 +90,28 @@ def futex_wait(address: int, expected: int, timeout: float | None) -> None:
     seconds = int(timeout)
     spec = _Timespec(seconds, int((timeout - seconds) * 1e9))
     _syscall(_SYS_FUTEX, address, _FUTEX_WAIT, _signed(expected), ctypes.addressof(spec), None, 0)
+
+
+def futex_waitv(words: list[tuple[int, int]]) -> int:
+    """Sleep while each word at ``address`` still equals its ``expected`` (``(address, expected)``
+    pairs, at most ``WAITV_MAX``), until any of them is woken.
+
+    Returns the index of a woken word, or -1 on a value mismatch or a signal: callers re-check
+    the words, as after ``futex_wait``.
+
+    Raises:
+        OSError: the kernel has no ``futex_waitv`` (Linux < 5.16: ENOSYS), or refuses the words.
+    """
+    entries = (_Waitv * len(words))(
+        *(_Waitv(exp, addr, _FUTEX2_SIZE_U32, 0) for addr, exp in words)
+    )
+    woken = _syscall(_SYS_FUTEX_WAITV, ctypes.addressof(entries), len(words), 0, None, None, 0)
+    if woken >= 0:
+        return int(woken)
+    err = ctypes.get_errno()
+    if err in (errno.EAGAIN, errno.EINTR):
+        return -1
+    raise OSError(err, f"futex_waitv: {os.strerror(err)}")
 
 
 def futex_wake(address: int) -> None:

@@ -3,7 +3,9 @@
 ::
 
     main(argv) ─ parse ─ make_view() ─ asyncio.run(Runner.run())   (procsup.demo.runner)
-                                          └─ plan(scenario, start method) ─▶ [Spec]: the tasks
+                  │                       └─ plan(scenario, start method) ─▶ [Spec]: the tasks
+                  └─ --backend ray ─▶ run_on_ray(): the crash scenario on a local two-node Ray
+                                      cluster (procsup.demo.ray_demo)
 
 This module is what the scenarios are: which tasks run, with which policies and limits, on which
 schedule. Each schedule is chosen so the story reads in one order on any machine: in "crash" the
@@ -21,12 +23,14 @@ import argparse
 import asyncio
 import logging
 import multiprocessing
+import sys
 from collections.abc import Sequence
 
 from procsup.demo import tasks
 from procsup.demo.output import make_view
 from procsup.demo.runner import STRESS_TASKS, STRESS_TASKS_SPAWN, Runner
 from procsup.demo.spec import Spec
+from procsup.demo.view import JsonView, PlainView, View
 
 __all__ = ["SCENARIOS", "main", "plan"]
 
@@ -117,6 +121,13 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print one JSON object per line (the events, in order)"
     )
     parser.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default="local",
+        help="where the tasks run: this machine (default), or a local two-node Ray cluster "
+        "started for the demo (the crash scenario; needs the ray extra: procsup[ray])",
+    )
+    parser.add_argument(
         "--tasks",
         type=int,
         default=None,
@@ -150,8 +161,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The demo reports every outcome itself; without a handler, logging's last resort would
     # print the supervisor's records (restarts, failures) to stderr in the middle of the view.
     logging.getLogger("procsup").addHandler(logging.NullHandler())
+    if args.backend == "ray":
+        if args.scenario != "crash" or args.start_method is not None:
+            _parser().error("--backend ray runs the crash scenario, with procsup's start method")
+        return _on_ray(args.json)
     view = make_view(args.json)
     try:
         return asyncio.run(Runner(view, args, plan).run())
+    finally:
+        view.close()
+
+
+def _on_ray(as_json: bool) -> int:
+    """The crash scenario on a local two-node Ray cluster (``procsup.demo.ray_demo``)."""
+    from procsup.demo.ray_demo import run_on_ray  # Ray is an optional extra: imported on demand
+
+    view: View = JsonView(sys.stdout) if as_json else PlainView(sys.stdout)
+    try:
+        return run_on_ray(view, CRASH_AFTER)
     finally:
         view.close()

@@ -1,0 +1,142 @@
+"""What crosses between the driver, the token hub and the agents: frozen, and serialized by Ray.
+
+::
+
+    driver (procsup._ray.backend)         agent on a node (procsup._ray.agent)
+    ─────────────────────────────         ────────────────────────────────────
+    agent.ready()  ───────────────────▶  ◀─ NodeInfo: which node, which process
+    agent.start(StartRequest) ────────▶  ◀─ Started(pid) | Refused(kind, message)
+    agent.outcome(run id) ────────────▶  ◀─ Outcome, once the run's process has been reaped
+    agent.stop(StopRequest) ──────────▶  ◀─ True: the cancel is done, the ladder runs there
+    agent.stopped(stop id) ───────────▶  ◀─ what outlived SIGKILL, once that ladder is done
+    agent.facts([run id, ...]) ───────▶  ◀─ [(pid, rss, cpu_percent), ...]
+
+    token hub (procsup._ray.hub): Cancellation = (run id, cause), relayed down to the agent
+    of the run (the driver cancelled its token) or up to the driver (the task cancelled it).
+
+Everything here is plain data: a task function and its arguments ride in ``StartRequest``, and
+Ray's serialization (cloudpickle) carries them, by reference when their module is importable on
+the node, by value otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from procsup._outcome.errors import CriticalTaskError
+
+__all__ = [
+    "Cancellation",
+    "NodeInfo",
+    "Outcome",
+    "Refused",
+    "StartRequest",
+    "Started",
+    "StopRequest",
+]
+
+Cancellation = tuple[str, str]  # (run id, cause): one token cancelled, relayed by the hub
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """Where an agent runs.
+
+    Attributes:
+        node_id: The Ray node id, in hex.
+        ip: The node's IP address, as Ray knows it.
+        hostname: The node's host name.
+        agent_pid: The agent's process id on that node.
+    """
+
+    node_id: str
+    ip: str
+    hostname: str
+    agent_pid: int
+
+    def __str__(self) -> str:
+        return f"{self.node_id} ({self.ip})"
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    """One run to start on a node: ``task_fn(token, *args, **kwargs)`` under the agent.
+
+    Attributes:
+        run_id: Names the run in every later message (made by the driver).
+        task_fn, args, kwargs, description: The task, as ``RunSpec`` has them.
+        memory_limit, cpu_time_limit, capture_output: Applied on the node, as locally.
+        cause: None, or the cause of the run's token, which the driver found cancelled already:
+            the run starts with its token cancelled (seed C3/C4).
+    """
+
+    run_id: str
+    task_fn: Callable[..., Any]
+    description: str
+    args: tuple[Any, ...]
+    kwargs: Mapping[str, Any]
+    memory_limit: int | None
+    cpu_time_limit: float | None
+    capture_output: bool
+    cause: str | None
+
+
+@dataclass(frozen=True)
+class Started:
+    """The run's process exists and the node's supervision thread watches it."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    """No process was started: ``kind`` names the exception the driver raises, with ``message``
+    ("TypeError": the task cannot travel or be pickled there; "ImportError": a preload module is
+    broken there; "RuntimeError": the agent is shutting down or lost its driver)."""
+
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    """Stop runs of one agent on procsup's ladder there (``procsup._os.tree.Ladder``).
+
+    Attributes:
+        stop_id: Names this stop for ``agent.stopped()``.
+        run_ids: The runs; those already ended are skipped.
+        grace, cancel_reason, stop_reason, failure: As for ``Backend.stop()``.
+    """
+
+    stop_id: str
+    run_ids: tuple[str, ...]
+    grace: float | None
+    cancel_reason: str
+    stop_reason: str
+    failure: bool
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended, from the node's supervision thread (``procsup._ray.outcome``).
+
+    Exactly one of ``value`` and ``error`` is set.
+
+    Attributes:
+        exitcode: The process's exit code once reaped (``-N`` for signal N).
+        value: The return value as a result frame (``procsup._outcome.remote.encode_return``).
+        error: The run's error, as the node classified it (its crash record included).
+        cause: The error's ``__cause__`` as an error frame, tracebacks and chain included: plain
+            pickling drops both (``procsup._outcome.errors``).
+        cancelled: The cause of the run's token if the task cancelled it itself, else None: the
+            driver's copy is cancelled with it before the outcome is published, even when the
+            relay had no time to carry it.
+    """
+
+    exitcode: int | None
+    value: bytes | None
+    error: CriticalTaskError | None
+    cause: bytes | None
+    cancelled: str | None = None
