@@ -30,15 +30,9 @@ Things that don't work
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
 import dataclasses
-import enum
-import functools
-import logging
-import signal
-import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, TypeVar, overload
+from typing import Any, ClassVar, TypeVar, overload
 
 try:
     import ray
@@ -50,34 +44,18 @@ from procsup._os.tree import KILL_WAIT, REAP_DEADLINE
 from procsup._ray.backend import RayBackend
 from procsup._ray.messages import NodeInfo
 from procsup._ray.options import RayTaskOptions, check_placement
-from procsup._supervision.aio import off_loop
+from procsup._supervision.frontend import Frontend
 from procsup._supervision.handle import CriticalTaskExecutionHandle
-from procsup._supervision.lifecycle import Lifecycle
-from procsup._supervision.options import RestartPolicy, check_call, check_options, check_preload
-from procsup._supervision.signals import SignalBridge
-from procsup._supervision.status import EventStream, StatusHub, TaskEvent, TaskSnapshot
+from procsup._supervision.options import RestartPolicy, TaskOptions, check_options, check_preload
+from procsup._supervision.status import TaskSnapshot
 from procsup._token.token import CancellationToken
 
 __all__ = ["NodeInfo", "RaySupervisor"]
 
 T = TypeVar("T")
 
-logger = logging.getLogger("procsup")
 
-
-class _Default(enum.Enum):
-    """``shutdown()``'s default timeout: the supervisor's ``grace_period``."""
-
-    GRACE_PERIOD = "grace_period"
-
-    def __repr__(self) -> str:
-        return "GRACE_PERIOD"
-
-
-GRACE_PERIOD = _Default.GRACE_PERIOD
-
-
-class RaySupervisor:
+class RaySupervisor(Frontend):
     """Starts critical tasks on the nodes of a Ray cluster and supervises them from this driver.
 
     Each task runs in a process of its own on a node, under procsup's agent there (one Ray actor
@@ -109,6 +87,10 @@ class RaySupervisor:
         RuntimeError: the token hub could not start on the cluster.
     """
 
+    _NAME: ClassVar[str] = "RaySupervisor"
+    _DEFAULT_OPTIONS: ClassVar[TaskOptions] = RayTaskOptions()
+    _backend: RayBackend
+
     def __init__(
         self,
         address: str | None = None,
@@ -131,28 +113,14 @@ class RaySupervisor:
             ray.init(address=address, **dict(init_kwargs or {}))
         _register_atexit()  # after ray.init's own hook, so that ours runs first
         try:
-            self._backend = RayBackend(grace, modules)
+            backend = RayBackend(grace, modules)
         except BaseException:
             if self._owns_ray:
                 ray.shutdown()
             raise
-        self.token = token if token is not None else CancellationToken()
-        self._lock = threading.Lock()  # guards _closed, _joined and _signals
-        self._closed = False
-        self._joined = False  # set once by the shutdown() that lets the agents and hub go
-        self._signals: SignalBridge | None = None
-        self._status = StatusHub()
+        super().__init__(backend, token)
+        self._joined = False  # set once (under _lock) by the shutdown() that lets agents go
         _RUNNING.add(self)
-
-    @property
-    def closed(self) -> bool:
-        """True once ``shutdown()`` was called (or the token hub was lost)."""
-        return self._closed or self._backend.closed
-
-    @property
-    def grace_period(self) -> float:
-        """Seconds ``shutdown()`` waits for tasks to honour cancellation."""
-        return self._backend.grace_period
 
     @overload
     def spawn(
@@ -220,10 +188,10 @@ class RaySupervisor:
     ) -> CriticalTaskExecutionHandle[Any]:
         """Start ``task_fn(token, *args, **kwargs)`` as a critical task on a node; its handle.
 
-        ``task_fn``, ``args`` and ``kwargs`` travel to the node with Ray's serialization
-        (cloudpickle: by reference when their module is importable there, else by value); tokens
-        cannot be among the args. The handle's ``node_id`` and ``pid`` say where the current run
-        is.
+        ``task_fn``, ``args`` and ``kwargs`` travel to the node pickled: by reference when they
+        can be named by their module, else by value (cloudpickle: lambdas, closures, the
+        driver's ``__main__``); tokens cannot be among the args. The handle's ``node_id`` and
+        ``pid`` say where the current run is.
 
         Args:
             task_fn, description, args, kwargs, parent_token, restart, max_restarts, period,
@@ -253,130 +221,31 @@ class RaySupervisor:
             resources=pairs,
             node_id=node,
         )
-        parent = self.token if parent_token is None else parent_token
-        return CriticalTaskExecutionHandle._adopt(
-            self._launch(task_fn, parent, description, args, kwargs, ray_options)
-        )
-
-    async def spawn_async(
-        self, task_fn: Callable[..., Any], description: str, **spawn_args: Any
-    ) -> CriticalTaskExecutionHandle[Any]:
-        """``spawn()`` from a coroutine, without blocking the event loop (it waits for a node).
-
-        Takes the same arguments and raises the same errors as ``spawn()``. If the awaiting
-        coroutine is cancelled meanwhile, the task is still started, then cancelled and detached.
-        """
-        return await off_loop(functools.partial(self.spawn, task_fn, description, **spawn_args))
-
-    def _launch(
-        self,
-        task_fn: Callable[..., Any],
-        parent: CancellationToken,
-        description: str,
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any] | None,
-        options: RayTaskOptions | None = None,
-    ) -> Lifecycle:
-        """Validate a task, then start its first run (``handle.Runtime``)."""
-        check_call(task_fn, parent, description, args, kwargs)
-        life = Lifecycle(
-            self._backend,
-            self._status,
-            task_fn,
-            parent,
-            description,
-            args,
-            kwargs,
-            options or RayTaskOptions(),
-        )
-        life.start()
-        return life
+        return self._spawn(task_fn, description, args, kwargs, parent_token, ray_options)
 
     def tasks(self) -> list[TaskSnapshot]:
         """Snapshots of every task not finally done, oldest first (RSS and CPU asked of each
         task's node; None when a node does not answer within two seconds)."""
         self._backend.prefetch_facts()  # every node at once, not one round trip per task
-        return [life.snapshot() for life in self._status.live()]
+        return super().tasks()
 
     def nodes(self) -> list[NodeInfo]:
         """The nodes where this supervisor has an agent up (its node id, IP, host, agent pid)."""
         return self._backend.agents()
 
-    def events(self, maxlen: int = 10_000) -> EventStream:
-        """Open a stream of lifecycle events of this supervisor's tasks (see ``TaskEvent``)."""
-        return self._status.stream(maxlen)
-
-    def on_event(self, callback: Callable[[TaskEvent], object]) -> Callable[[], None]:
-        """Call ``callback(event)`` for every lifecycle event; return a function removing it.
-
-        The callback runs on the thread that caused the event (the "procsup-ray" thread for
-        outcomes): keep it short. What it raises is logged and dropped.
-        """
-        return self._status.add_callback(callback)
-
-    def install_signal_handlers(self) -> None:
-        """Make SIGINT and SIGTERM cancel the root token; a second one shuts down (as for
-        ``Supervisor.install_signal_handlers``).
-
-        Raises:
-            RuntimeError: not called from the main thread, or after ``shutdown()``.
-        """
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("this RaySupervisor has been shut down")
-            if self._signals is None:
-                self._signals = SignalBridge(self, _SIGNALS)
-
-    def shutdown(self, timeout: float | _Default | None = GRACE_PERIOD) -> None:
-        """Cancel the root token and every task, wait, escalate the stragglers on their nodes,
-        then let the agents and the token hub go (and disconnect from Ray if this supervisor
-        connected).
-
-        Args:
-            timeout: Seconds tasks get to honour cancellation before they are sent SIGTERM, then
-                SIGKILL, on their nodes. By default ``grace_period``; None waits for as long as
-                they take; 0 escalates at once.
-
-        Idempotent. Outcomes stay available on the handles.
-
-        Raises:
-            ValueError, TypeError: ``timeout`` is negative, NaN or not a number.
-        """
-        wait = self.grace_period if timeout is GRACE_PERIOD else check_timeout(timeout)
-        with self._lock:
-            self._closed = True
-            signals = self._signals
-        backend = self._backend
-        backend.close()
-        if signals is not None and signals.uninstall():
-            self._signals = None
+    def _shutting_down(self) -> None:
         _RUNNING.discard(self)
-        self.token.cancel("RaySupervisor shut down")
-        runs = backend.live()
-        while runs:  # again, for any task whose start was under way when we closed
-            futures = [run.future for run in runs]
-            reason = f"it did not honour cancellation within {wait} s of shutdown"
-            ladder = backend.stop(runs, wait, "RaySupervisor shut down", reason)
-            pending: set[concurrent.futures.Future[Any]] = set(futures)
-            while pending and not ladder.done.done():
-                concurrent.futures.wait([*pending, ladder.done], return_when="FIRST_COMPLETED")
-                pending = {future for future in pending if not future.done()}
-            if pending and not ladder.done.result():
-                concurrent.futures.wait(pending, REAP_DEADLINE)
-            runs = [run for run in backend.live() if run.future not in futures]
-        # A second shutdown (a second Ctrl-C) escalates; only the first lets the actors go.
+
+    def _finish(self) -> None:
+        """Let the agents and the token hub go (and disconnect from Ray if this supervisor
+        connected); a second shutdown (a second Ctrl-C) only escalates."""
         with self._lock:
             joined, self._joined = self._joined, True
         if not joined:
+            backend = self._backend
             backend.join(KILL_WAIT if backend.live() else REAP_DEADLINE)
             if self._owns_ray:
                 ray.shutdown()
-
-    def __enter__(self) -> RaySupervisor:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.shutdown()
 
     def __repr__(self) -> str:
         state = "shut down" if self._closed else f"{len(self._backend.live())} live tasks"
@@ -386,7 +255,6 @@ class RaySupervisor:
 RaySupervisor.__module__ = "procsup.ray"
 
 _RUNNING: set[RaySupervisor] = set()
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _registered = False
 
 

@@ -97,6 +97,12 @@ def cancel_myself(token: CancellationToken, fifo: str) -> str:
     return "done"
 
 
+def cancel_myself_at_once(token: CancellationToken) -> str:
+    """Cancels its own token and returns: the outcome must bring that to the driver's copy."""
+    token.cancel("the task cancelled its own token")
+    return "done"
+
+
 def child_tokens(token: CancellationToken, fifo: str) -> str:
     """Makes a child of its token and waits on it: an ancestor's cancel in the driver reaches it."""
     child = token.child_token()

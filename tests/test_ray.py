@@ -269,6 +269,54 @@ def test_a_task_cancelling_its_own_token_is_seen_in_the_driver(
     assert late.join(DEADLINE) == (late.pid, True)
 
 
+def test_quick_runs_keep_every_guarantee(sup: RaySupervisor, nodes: Nodes, fifo: Fifo) -> None:
+    """Test that tasks that end at once, run again and again on the second node (the agent then
+    answers their starts with their outcomes: one message, not two), each report their own run:
+    pid, exit code, value and events; that one cancelling its own token leaves the driver's copy
+    cancelled; and that a quick failure still raises with the task's frames once its parent is
+    cancelled, waking a sibling on the head node."""
+    events = sup.events()
+    pids = set()
+    for _ in range(6):
+        handle = sup.spawn(ray_tasks.where, "quick", resources=SECOND)
+        assert handle.join(DEADLINE) == (handle.pid, False)
+        assert (handle.exitcode, handle.node_id) == (0, nodes.second)
+        pids.add(handle.pid)
+    assert len(pids) == 6
+    assert [events.get(DEADLINE).kind for _ in range(12)] == ["started", "finished"] * 6
+    events.close()
+    for _ in range(3):
+        handle = sup.spawn(ray_tasks.cancel_myself_at_once, "self", resources=SECOND)
+        assert handle.join(DEADLINE) == "done"
+        assert handle.is_cancelled()
+    parent = CancellationToken()
+    sibling = sup.spawn(
+        ray_tasks.wait_for_cancel, "sibling", (fifo.path,), parent_token=parent, resources=HEAD
+    )
+    assert fifo.line()[0] == "ready"
+    for _ in range(3):  # the same failure under parents of their own first
+        warm = sup.spawn(
+            ray_tasks.parse_config, "warm", ("x",), parent_token=CancellationToken(),
+            resources=SECOND,
+        )  # fmt: skip
+        with pytest.raises(TaskFailedError):
+            warm.join(DEADLINE)
+    failing = sup.spawn(
+        ray_tasks.parse_config, "config", ("not a number",), parent_token=parent, resources=SECOND
+    )
+    with pytest.raises(TaskFailedError) as info:
+        failing.join(DEADLINE)
+    error = info.value
+    assert isinstance(error.__cause__, ValueError)
+    frames = [frame.name for frame in traceback.extract_tb(error.__cause__.__traceback__)]
+    assert frames[-2:] == ["parse_config", "_parse"]
+    assert error.pid == failing.pid
+    assert parent.cause == str(error).splitlines()[0]
+    assert sibling.join(DEADLINE) == f"cancelled: {parent.cause}"
+    assert sup.tasks() == []
+    assert not sup.token.is_cancelled()
+
+
 def test_stop_escalates_on_the_node(sup: RaySupervisor, fifo: Fifo) -> None:
     """Test that stop() of tasks that ignore their token escalates on their node: SIGTERM for one,
     SIGKILL of the whole tree for one that ignores SIGTERM too; both are stops on request, and

@@ -1,20 +1,24 @@
-"""The agent: one async Ray actor per node, starting and stopping runs there with the local backend.
+"""The agent: one threaded Ray actor per node, starting and stopping runs there, locally.
 
 ::
 
     driver                          Agent (a Ray actor pinned to its node)
     ──────                          ──────────────────────────────────────
     ready() ──────────────────────▶ boot: procsup's zygote and supervision thread, proven by a
-                                      warm-up task; start long-polling the token hub
-    start(StartRequest) ──────────▶ token = root.child_token() (born cancelled if asked)
+                                      warm-up task; a thread starts long-polling the token hub
+    start(StartRequest, pickled) ─▶ token = root.child_token() (born cancelled if asked)
                                     LocalBackend.start(RunSpec): the node's zygote forks the task
-    ◀── Started(pid) ──────────────   (by reference; by value through procsup._ray.entry when
-                                      plain pickle refuses the task or its arguments)
-    outcomes(acked) long poll ────▶ the runs ended since ``acked`` (the node's supervision
-    ◀── [(seq, run id, Outcome)] ──   thread reaped, classified, recorded the crash): encode()
-                                      it is also how the driver learns that the agent died
+                                      (by reference; by value through procsup._ray.entry)
+                                    a task whose last run here ended within _QUICK: wait up to
+                                      that long for this run's outcome (the supervision thread
+                                      hands it over), so that one message carries both
+    ◀── Started(pid, outcome?) ────
+    outcomes(acked) long poll ────▶ the runs ended (the node's supervision thread reaped,
+    ◀── [(seq, id, Outcome | ──────   classified, recorded the crash: encode()) and the stops
+          StopDone)]                  done since ``acked``; its failing is also how the driver
+                                      learns that the agent died
     stop(StopRequest) ────────────▶ LocalBackend.stop(): the ladder runs here (cancel, grace,
-    ◀── True, then stopped(id) ────   SIGTERM, SIGKILL of the tree), stepped by local timers
+    ◀── True; StopDone on the poll    SIGTERM, SIGKILL of the tree), stepped by local timers
     hub.agent_poll() long poll ───▶ cancellations from the driver ─▶ token.cancel(cause)
     TokenWatch ───────────────────▶ the task cancelled its own token ─▶ hub.report()
     the hub is gone, or drops us ─▶ fail-safe: cancel every token, stop every run (grace)
@@ -24,14 +28,19 @@ The agent is what a ``Supervisor`` is on one machine minus its lifecycle: the dr
 local backend (``procsup._supervision.local``) a ``Supervisor`` drives. So signals, exit codes and
 crash records are observed on the node, by the process's parent, not guessed from afar.
 
-Invariants: ``_runs`` holds every started run whose outcome is not encoded yet; ``_outbox`` every
-encoded outcome the driver has not acknowledged, in ``seq`` order; ``_stops`` a future per stop
-that ``stopped()`` waits on or that was resolved before anybody asked (Ray may run an actor's calls
-out of order); ``_early`` the causes of cancellations that arrived before their run's start;
-``_gone`` the most recent ended run ids, so a late cancellation is dropped, not kept as early;
-``_discarded`` the starts the driver gave up on before they came;
-``_warm`` the task modules the node's zygote has imported (their starts need not leave the loop);
-``_lost`` is None until the fail-safe fired, then why (no start after it).
+Its calls run on Ray's threads, in three concurrency groups (``CALLS``, ``GROUPS``): starts in the
+default one, ``stop``/``discard``/``facts``/``shutdown`` in "control" (never queued behind a start
+importing a task's module), the outcomes poll in "poll". The hub is long-polled by a thread of
+the agent's own, and the node's supervision and token-watch threads call in under ``_lock``.
+
+Invariants (under ``_lock``): ``_runs`` holds every started run whose outcome is not encoded yet;
+``_outbox`` every encoded outcome and every done stop the driver has not acknowledged, in ``seq``
+order; ``_early`` the causes of cancellations that arrived before their run's start; ``_gone`` the
+most recent ended run ids, so a late cancellation is dropped, not kept as early; ``_discarded``
+the starts the driver gave up on before they came; ``_took`` how long the last run of each task
+function took (for ``_QUICK``); ``_lost`` is None until the fail-safe fired, then why (no start
+after it). A run's ``waiter`` is set while its start waits for its outcome: the supervision
+thread hands the outcome to it then, not to the outbox.
 
 Things that don't work
 ----------------------
@@ -39,7 +48,13 @@ Things that don't work
   its end only as ``ActorDiedError``, with no signal and no exit code (ray-project/ray#18890).
   One agent per node starts runs as the local backend does, in milliseconds.
 - A pending ``outcome(run id)`` call per run: each start then submits two calls, and the second
-  costs the driver about as much as the first. One long poll per agent carries every outcome.
+  costs the driver about as much as the first. One long poll per agent carries every outcome that
+  did not ride its start's answer.
+- An asyncio actor: each call hops from Ray's task thread to the actor's event loop and back, and
+  an outcome from the supervision thread to the loop: measured 0.13-0.22 ms of a start here.
+- A ``stopped(stop id)`` call per stop, waiting for its ladder: it holds one of a threaded actor's
+  threads for as long as the task takes to honour its token (forever, for ``stop(None)``), and
+  enough of them would starve the others. Done stops ride the outcomes poll instead.
 - Relying on Ray alone to end a dead driver's work: ``ray.kill`` and a dead owner end the agent's
   process, and Ray then SIGKILLs its children and its process group, but not what they started:
   a task's own children, orphaned, escaped to init. So the agent runs with Ray's killing of its
@@ -52,23 +67,34 @@ Things that don't work
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import os
+import pickle
 import socket
-from typing import Any
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import ray
 
 from procsup._process import zygote
 from procsup._ray.entry import call_pickled, pickled, warm_up
 from procsup._ray.hub import POLL_SECONDS
-from procsup._ray.messages import NodeInfo, Outcome, Refused, Started, StartRequest, StopRequest
+from procsup._ray.messages import (
+    NodeInfo,
+    Outcome,
+    Refused,
+    Started,
+    StartRequest,
+    StopDone,
+    StopRequest,
+)
 from procsup._ray.outcome import encode, ray_reason
 from procsup._supervision.local import OWN_PRELOAD, LocalBackend, LocalConfig
 from procsup._supervision.monitor import TaskRecord
@@ -77,12 +103,26 @@ from procsup._supervision.runtime import RunSpec
 from procsup._token.token import CancellationToken
 from procsup._token.watch import TokenWatch, Watched
 
-__all__ = ["Agent"]
+__all__ = ["CALLS", "GROUPS", "Agent"]
 
 logger = logging.getLogger("procsup.agent")
 
+CALLS = 16  # threads for starts (the default group): each waits up to _QUICK, a first import more
+GROUPS = {"control": 4, "poll": 2}  # stop, discard, facts, shutdown; the outcomes poll
 _BOOT_DEADLINE = 120.0  # seconds for the warm-up task (the zygote imports procsup and preload)
 _ENDED_KEPT = 4096  # ended run ids remembered, so a cancellation arriving late is dropped
+_QUICK = 0.005  # seconds: a task whose last run here took at most this has its start answered
+# once this run ends, if it ends within this long: one message to the driver, not two
+_TOOK_KEPT = 1024  # task functions whose last run time is remembered
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _in_group(group: str) -> Callable[[F], F]:
+    """``ray.method(concurrency_group=group)``, typed."""
+    decorate: Callable[[F], F] = ray.method(concurrency_group=group)
+    return decorate
 
 
 @dataclasses.dataclass
@@ -90,13 +130,17 @@ class _Run:
     """A started run: its local record, its token (the driver's token's mirror), its watcher.
 
     ``quiet`` once the driver cancelled the token (or is stopping the run): the watcher must not
-    report that cancellation back up as the task's own.
+    report that cancellation back up as the task's own. ``began`` (monotonic) and ``key`` time
+    the run for ``_QUICK``; ``waiter`` is set while its start waits for its outcome.
     """
 
     record: TaskRecord
     token: CancellationToken
     quiet: bool
+    key: str
+    began: float
     watched: Watched | None = None
+    waiter: concurrent.futures.Future[Outcome] | None = None
 
 
 class Agent:
@@ -121,18 +165,19 @@ class Agent:
         self._backend = LocalBackend(LocalConfig("forkserver", (*OWN_PRELOAD, *preload), grace))
         self._root = CancellationToken()  # every run's token is a child: the fail-safe cancels it
         self._watch = TokenWatch("procsup-agent-tokens")  # every run's token, from one thread
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # the outbox grew, or we are closing
+        self._boot_lock = threading.Lock()
         self._runs: dict[str, _Run] = {}
-        self._outbox: list[tuple[int, str, Outcome]] = []
-        self._outbox_seq = 0
-        self._outbox_changed = asyncio.Event()
-        self._stops: dict[str, asyncio.Future[list[str]]] = {}
-        self._warm: set[str] = set()
+        self._outbox: list[tuple[int, str, Outcome | StopDone]] = []
+        self._seq = 0
         self._early: dict[str, str] = {}
         self._discarded: set[str] = set()
         self._gone: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._took: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._lost: str | None = None
         self._closing = False
-        self._poller: asyncio.Task[None] | None = None
+        self._poller: threading.Thread | None = None
         self._info = NodeInfo(
             node_id=ray.get_runtime_context().get_node_id(),
             ip=ray.util.get_node_ip_address(),
@@ -142,15 +187,18 @@ class Agent:
 
     # ------------------------------------------------------------ lifetime
 
-    async def ready(self) -> NodeInfo | Refused:
+    def ready(self) -> NodeInfo | Refused:
         """Boot the node's zygote and supervision thread, then follow the hub. Idempotent."""
-        loop = asyncio.get_running_loop()
-        if self._poller is None:
-            try:
-                await loop.run_in_executor(None, self._warm_up)
-            except (ImportError, RuntimeError, OSError, concurrent.futures.TimeoutError) as exc:
-                return Refused(type(exc).__name__, f"{exc} (on Ray node {self._info})")
-            self._poller = loop.create_task(self._poll())
+        with self._boot_lock:
+            if self._poller is None:
+                try:
+                    self._warm_up()
+                except (ImportError, RuntimeError, OSError, concurrent.futures.TimeoutError) as exc:
+                    return Refused(type(exc).__name__, f"{exc} (on Ray node {self._info})")
+                self._poller = threading.Thread(
+                    target=self._poll, name="procsup-agent-hub", daemon=True
+                )
+                self._poller.start()
         return self._info
 
     def _warm_up(self) -> None:
@@ -160,39 +208,55 @@ class Agent:
         )  # fmt: skip
         record.future.result(_BOOT_DEADLINE)
 
-    async def shutdown(self, timeout: float) -> bool:
+    @_in_group("control")
+    def shutdown(self, timeout: float) -> bool:
         """Let go: stop what still runs at once, end the supervision thread and the zygote.
 
         Returns True once both have ended within ``timeout`` seconds.
         """
-        self._closing = True
+        with self._lock:
+            self._closing = True
+            records = [run.record for run in self._runs.values()]
+            self._changed.notify_all()  # outcomes() returns None once the outbox is empty
         self._backend.close()
-        records = [run.record for run in self._runs.values()]
         if records:
             reason = "its RaySupervisor shut down"
             self._backend.stop(records, 0.0, reason, reason)
-        loop = asyncio.get_running_loop()
-        done = await loop.run_in_executor(None, self._backend.join, timeout)
-        await loop.run_in_executor(None, self._watch.close, timeout)
-        await loop.run_in_executor(None, zygote.shutdown)
-        if self._poller is not None:
-            self._poller.cancel()
-        self._outbox_changed.set()  # outcomes() returns None from now on
+        done = self._backend.join(timeout)
+        self._watch.close(timeout)
+        zygote.shutdown()
+        with self._lock:
+            self._changed.notify_all()
         return bool(done)
 
     # ------------------------------------------------------------ runs
 
-    async def start(self, request: StartRequest) -> Started | Refused:
-        """Start one run; Refused (and no process) if it cannot be started here."""
+    def start(self, payload: bytes) -> bytes:
+        """Start one run (a pickled ``StartRequest``); the pickled ``Started``, or ``Refused``
+        (and no process) if it cannot be started here."""
+        answer = self._start_run(pickle.loads(payload))
+        return pickle.dumps(answer, pickle.HIGHEST_PROTOCOL)
+
+    def _start_run(self, request: StartRequest) -> Started | Refused:
         run_id = request.run_id
-        if run_id in self._discarded:  # the driver gave up on it before it came
-            self._discarded.discard(run_id)
-            return Refused("RuntimeError", "the driver gave up on this start")
-        if self._lost is not None or self._closing:
-            why = self._lost or "its RaySupervisor is shutting down"
-            return Refused("RuntimeError", f"the procsup agent on Ray node {self._info}: {why}")
+        with self._lock:
+            if run_id in self._discarded:  # the driver gave up on it before it came
+                self._discarded.discard(run_id)
+                return Refused("RuntimeError", "the driver gave up on this start")
+            if self._lost is not None or self._closing:
+                why = self._lost or "its RaySupervisor is shutting down"
+                return Refused("RuntimeError", f"the procsup agent on Ray node {self._info}: {why}")
+            cause = request.cause or self._early.pop(run_id, None)
+        try:
+            task_fn, args, kwargs = pickle.loads(request.call)
+        except Exception as exc:  # noqa: BLE001 - unpickling can raise anything
+            return Refused(
+                "TypeError",
+                f"critical task {request.description!r} could not be started on Ray node "
+                f"{self._info}: its function or arguments cannot be loaded there "
+                f"({type(exc).__name__}: {exc})",
+            )
         token = self._root.child_token()
-        cause = request.cause or self._early.pop(run_id, None)
         if cause is not None:
             token.cancel(cause)
         options = TaskOptions(
@@ -201,138 +265,150 @@ class Agent:
             capture_output=request.capture_output,
         )
         spec = RunSpec(
-            task_fn=request.task_fn,
+            task_fn=task_fn,
             description=request.description,
-            args=tuple(request.args),
-            kwargs=dict(request.kwargs),
+            args=tuple(args),
+            kwargs=dict(kwargs),
             parent=self._root,  # never cancelled by the run: cancels_parent is the driver's
             token=token,
             options=options,
             cancels_parent=False,
         )
-        loop = asyncio.get_running_loop()
-        module = getattr(request.task_fn, "__module__", None) or "__main__"
         try:
-            if module in self._warm:  # about a millisecond: not worth two thread hand-offs
-                record = self._start(spec)
-            else:  # off the loop: the zygote imports the task's module first, maybe for seconds
-                record = await loop.run_in_executor(None, self._start, spec)
-                self._warm.add(module)
+            record = self._start(spec, request.call if request.by_value else None)
         except (TypeError, ImportError, RuntimeError, ValueError, OSError) as exc:
             return Refused(type(exc).__name__, f"{exc} (on Ray node {self._info})")
-        run = _Run(record, token, quiet=cause is not None)
-        self._runs[run_id] = run
-        if run_id in self._discarded:  # given up on while the zygote forked it
+        run = _Run(record, token, quiet=cause is not None, key=request.key, began=time.monotonic())
+        waiter = None
+        with self._lock:
+            self._runs[run_id] = run
+            discarded = run_id in self._discarded  # given up on while the zygote forked it
             self._discarded.discard(run_id)
-            await self.discard(run_id)
-        run.watched = self._watch.watch(token, functools.partial(self._cancelled, loop, run_id))
-        record.future.add_done_callback(functools.partial(self._done, loop, run_id))
+            if self._took.get(run.key, math.inf) <= _QUICK and not discarded:
+                waiter = run.waiter = concurrent.futures.Future()
+        record.future.add_done_callback(functools.partial(self._done, run_id))
+        if discarded:
+            self.discard(run_id)
+        if waiter is not None:
+            concurrent.futures.wait((waiter,), _QUICK)
+            with self._lock:  # from here on, the outcome goes to the outbox
+                run.waiter = None
+            if waiter.done():
+                return Started(record.pid, waiter.result())
+        watched = self._watch.watch(token, functools.partial(self._cancelled, run_id))
+        with self._lock:
+            if run_id in self._runs:
+                run.watched = watched
+            else:  # it ended meanwhile: its outcome says if it cancelled its token
+                watched.cancel()
         return Started(record.pid)
 
-    def _start(self, spec: RunSpec) -> TaskRecord:
-        try:
-            return self._backend.start(spec)
-        except TypeError:
-            # By value: a lambda, a closure, a function of the driver's __main__, or arguments
-            # plain pickle refuses. Ray brought them here with cloudpickle; so does the zygote.
+    def _start(self, spec: RunSpec, blob: bytes | None) -> TaskRecord:
+        """Start by reference, else by value (``blob``: the call as the driver pickled it)."""
+        if blob is None:
             try:
-                blob = pickled(spec.task_fn, spec.args, dict(spec.kwargs))
-            except Exception as exc:
-                raise TypeError(
-                    f"critical task {spec.description!r} could not be started: its function, "
-                    f"args and kwargs must be serializable with cloudpickle ({exc})"
-                ) from exc
-            return self._backend.start(
-                dataclasses.replace(spec, task_fn=call_pickled, args=(blob,), kwargs={})
-            )
+                return self._backend.start(spec)
+            except TypeError:
+                # What plain pickle refuses after all (deep in the args): by value.
+                try:
+                    blob = pickled(spec.task_fn, spec.args, dict(spec.kwargs))
+                except Exception as exc:
+                    raise TypeError(
+                        f"critical task {spec.description!r} could not be started: its "
+                        f"function, args and kwargs must be serializable with cloudpickle ({exc})"
+                    ) from exc
+        return self._backend.start(
+            dataclasses.replace(spec, task_fn=call_pickled, args=(blob,), kwargs={})
+        )
 
-    def _done(
-        self, loop: asyncio.AbstractEventLoop, run_id: str, _: concurrent.futures.Future[Any]
-    ) -> None:
-        """On the node's supervision thread: hand the outcome to the actor's loop."""
-        try:
-            loop.call_soon_threadsafe(self._ended, run_id)
-        except RuntimeError:  # the actor's loop is closed: the actor is exiting
-            pass
-
-    def _ended(self, run_id: str) -> None:
-        run = self._runs.pop(run_id, None)
-        if run is None:
-            return
-        if run.watched is not None:
-            run.watched.cancel()
-        self._gone[run_id] = None
-        while len(self._gone) > _ENDED_KEPT:
-            self._gone.popitem(last=False)
+    def _done(self, run_id: str, _: concurrent.futures.Future[Any]) -> None:
+        """On the node's supervision thread: the run's outcome, to its start or the outbox."""
+        with self._lock:
+            run = self._runs.pop(run_id, None)
+            if run is None:
+                return
+            self._gone[run_id] = None
+            while len(self._gone) > _ENDED_KEPT:
+                self._gone.popitem(last=False)
+            self._took[run.key] = time.monotonic() - run.began
+            self._took.move_to_end(run.key)
+            while len(self._took) > _TOOK_KEPT:
+                self._took.popitem(last=False)
+            watched = run.watched
+        if watched is not None:
+            watched.cancel()
         record = run.record
-        self._outbox_seq += 1
         outcome = encode(record.future, record.description, record.exitcode)
         if not run.quiet and run.token.is_cancelled():  # by the task itself
             outcome = dataclasses.replace(outcome, cancelled=run.token.cause or "cancelled")
-        self._outbox.append((self._outbox_seq, run_id, outcome))
-        self._outbox_changed.set()
+        with self._lock:
+            if run.waiter is not None:  # its start is waiting to answer with it
+                run.waiter.set_result(outcome)
+                return
+            self._post(run_id, outcome)
 
-    async def outcomes(self, acked: int) -> list[tuple[int, str, Outcome]] | None:
-        """The outcomes after ``acked``, waiting up to ``POLL_SECONDS`` for one; None once the
-        agent has shut down. The driver keeps one such call pending: the agent's death fails it."""
-        self._outbox = [entry for entry in self._outbox if entry[0] > acked]
-        if not self._outbox and not self._closing:
-            self._outbox_changed.clear()
-            try:
-                await asyncio.wait_for(self._outbox_changed.wait(), POLL_SECONDS)
-            except TimeoutError:
-                pass
-        if self._closing and not self._outbox:
-            return None
-        return list(self._outbox)
+    def _post(self, name: str, entry: Outcome | StopDone) -> None:
+        """Under the lock: an entry for the outcomes poll."""
+        self._seq += 1
+        self._outbox.append((self._seq, name, entry))
+        self._changed.notify_all()
 
-    async def discard(self, run_id: str) -> None:
+    @_in_group("poll")
+    def outcomes(self, acked: int) -> list[tuple[int, str, Outcome | StopDone]] | None:
+        """The outcomes and done stops after ``acked``, waiting up to ``POLL_SECONDS`` for one;
+        None once the agent has shut down. The driver keeps one such call pending: the agent's
+        death fails it."""
+        with self._lock:
+            self._outbox = [entry for entry in self._outbox if entry[0] > acked]
+            if not self._outbox and not self._closing:
+                self._changed.wait(POLL_SECONDS)
+            if self._closing and not self._outbox:
+                return None
+            return list(self._outbox)
+
+    @_in_group("control")
+    def discard(self, run_id: str) -> None:
         """The driver gave up on a start it sent (it did not answer in time): stop the run if it
         started after all."""
-        run = self._runs.get(run_id)
-        if run is not None:
-            run.quiet = True
-            reason = "its start was given up by the driver"
-            self._backend.stop([run.record], 0.0, reason, reason)
-        elif run_id not in self._gone:
-            self._discarded.add(run_id)  # Ray may run this call before the start it is about
-
-    async def stop(self, request: StopRequest) -> bool:
-        """Start the ladder for the runs named (the cancel is done when this returns)."""
-        records = []
-        for run_id in request.run_ids:
+        with self._lock:
             run = self._runs.get(run_id)
-            if run is not None:
-                run.quiet = True
-                records.append(run.record)
+            if run is None:
+                if run_id not in self._gone:
+                    self._discarded.add(run_id)  # Ray may run this call before its start
+                return
+            run.quiet = True
+        reason = "its start was given up by the driver"
+        self._backend.stop([run.record], 0.0, reason, reason)
+
+    @_in_group("control")
+    def stop(self, request: StopRequest) -> bool:
+        """Start the ladder for the runs named (the cancel is done when this returns); its
+        ``StopDone`` comes on the outcomes poll."""
+        records = []
+        with self._lock:
+            for run_id in request.run_ids:
+                run = self._runs.get(run_id)
+                if run is not None:
+                    run.quiet = True
+                    records.append(run.record)
         ladder = self._backend.stop(
             records, request.grace, request.cancel_reason, request.stop_reason,
             failure=request.failure,
         )  # fmt: skip
-        future = self._stop_future(request.stop_id)
-        ladder.done.add_done_callback(
-            lambda done: future.get_loop().call_soon_threadsafe(_copy, done, future)
-        )
+        ladder.done.add_done_callback(functools.partial(self._stop_done, request.stop_id))
         return True
 
-    async def stopped(self, stop_id: str) -> list[str]:
-        """What outlived SIGKILL once the stop's ladder is done (usually nothing)."""
-        try:
-            return await self._stop_future(stop_id)
-        finally:
-            self._stops.pop(stop_id, None)
+    def _stop_done(self, stop_id: str, done: concurrent.futures.Future[list[str]]) -> None:
+        with self._lock:
+            self._post(stop_id, StopDone(tuple(done.result())))
 
-    def _stop_future(self, stop_id: str) -> asyncio.Future[list[str]]:
-        future = self._stops.get(stop_id)
-        if future is None:
-            future = self._stops[stop_id] = asyncio.get_running_loop().create_future()
-        return future
-
-    async def facts(self, run_ids: list[str]) -> list[tuple[int | None, int | None, float | None]]:
+    @_in_group("control")
+    def facts(self, run_ids: list[str]) -> list[tuple[int | None, int | None, float | None]]:
         """Each run's process now: pid, RSS, CPU % (None where unknown)."""
+        with self._lock:
+            runs = [self._runs.get(run_id) for run_id in run_ids]
         answers: list[tuple[int | None, int | None, float | None]] = []
-        for run_id in run_ids:
-            run = self._runs.get(run_id)
+        for run in runs:
             if run is None:
                 answers.append((None, None, None))
             else:
@@ -342,33 +418,31 @@ class Agent:
 
     # ------------------------------------------------------------ tokens
 
-    def _cancelled(self, loop: asyncio.AbstractEventLoop, run_id: str, cause: str) -> None:
-        """On the token watch's thread: a run's token is cancelled; the actor's loop decides."""
-        with contextlib.suppress(RuntimeError):  # the actor's loop is closed: it is exiting
-            loop.call_soon_threadsafe(self._report, run_id, cause)
-
-    def _report(self, run_id: str, cause: str) -> None:
-        """Tell the driver when the task cancelled its own token (the driver holds the original)."""
-        run = self._runs.get(run_id)
-        if run is None or run.quiet or self._lost is not None or self._closing:
-            return
+    def _cancelled(self, run_id: str, cause: str) -> None:
+        """On the token watch's thread: tell the driver when the task cancelled its own token
+        (the driver holds the original)."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None or run.quiet or self._lost is not None or self._closing:
+                return
         self._hub.report.remote(self._key, [(run_id, cause)])
 
     def _cancel_from_driver(self, run_id: str, cause: str) -> None:
-        run = self._runs.get(run_id)
-        if run is not None:
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None:
+                if run_id not in self._gone:
+                    self._early[run_id] = cause  # its start is on its way
+                return
             run.quiet = True
-            run.token.cancel(cause)
-        elif run_id not in self._gone:
-            self._early[run_id] = cause  # its start is on its way
+        run.token.cancel(cause)
 
-    async def _poll(self) -> None:
+    def _poll(self) -> None:
+        """The hub's long poll, on a thread of its own until the hub or the agent goes."""
         acked = 0
         while True:
             try:
-                batch = await self._hub.agent_poll.remote(self._key, acked)
-            except asyncio.CancelledError:
-                raise
+                batch = ray.get(self._hub.agent_poll.remote(self._key, acked))
             except Exception as exc:  # noqa: BLE001 - whatever Ray raises, the hub is gone
                 self._fail_safe(f"its driver's token hub is gone ({ray_reason(exc)})")
                 return
@@ -382,17 +456,13 @@ class Agent:
 
     def _fail_safe(self, why: str) -> None:
         """The driver is gone or gave up on us: nothing started here may outlive it."""
-        self._lost = why
         cause = f"the procsup agent on Ray node {self._info} lost its driver: {why}"
-        logger.error("%s; stopping its %d tasks", cause, len(self._runs))
+        with self._lock:
+            self._lost = why
+            records = [run.record for run in self._runs.values()]
+        logger.error("%s; stopping its %d tasks", cause, len(records))
         self._root.cancel(cause)
-        records = [run.record for run in self._runs.values()]
         if records:
             stop = f"its driver was lost and it did not honour cancellation within {self._grace} s"
             self._backend.stop(records, self._grace, cause, stop)
         self._backend.close()
-
-
-def _copy(done: concurrent.futures.Future[list[str]], future: asyncio.Future[list[str]]) -> None:
-    if not future.done():
-        future.set_result(done.result())

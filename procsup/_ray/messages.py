@@ -1,29 +1,31 @@
-"""What crosses between the driver, the token hub and the agents: frozen, and serialized by Ray.
+"""What crosses between the driver, the token hub and the agents: frozen, plain data.
 
 ::
 
     driver (procsup._ray.backend)         agent on a node (procsup._ray.agent)
     ─────────────────────────────         ────────────────────────────────────
     agent.ready()  ───────────────────▶  ◀─ NodeInfo: which node, which process
-    agent.start(StartRequest) ────────▶  ◀─ Started(pid) | Refused(kind, message)
-    agent.outcome(run id) ────────────▶  ◀─ Outcome, once the run's process has been reaped
-    agent.stop(StopRequest) ──────────▶  ◀─ True: the cancel is done, the ladder runs there
-    agent.stopped(stop id) ───────────▶  ◀─ what outlived SIGKILL, once that ladder is done
+    agent.start(pickled StartRequest) ▶  ◀─ pickled Started(pid, outcome) | Refused(kind, message)
+    agent.outcomes(acked) ────────────▶  ◀─ [(seq, run id, Outcome) | (seq, stop id, StopDone)]:
+                                            what ended since ``acked`` (a long poll)
+    agent.stop(StopRequest) ──────────▶  ◀─ True: the cancel is done, the ladder runs there;
+                                            its StopDone comes on the outcomes poll
+    agent.discard(run id) ────────────▶     a start the driver gave up on
     agent.facts([run id, ...]) ───────▶  ◀─ [(pid, rss, cpu_percent), ...]
 
     token hub (procsup._ray.hub): Cancellation = (run id, cause), relayed down to the agent
     of the run (the driver cancelled its token) or up to the driver (the task cancelled it).
 
-Everything here is plain data: a task function and its arguments ride in ``StartRequest``, and
-Ray's serialization (cloudpickle) carries them, by reference when their module is importable on
-the node, by value otherwise.
+A start crosses as bytes both ways, pickled by procsup (``pickle``: Ray's own serialization of a
+dataclass costs a start about 0.15 ms more, there and back). The task's call inside it,
+``StartRequest.call``, is pickled with cloudpickle, as Ray would: by reference what can be
+imported by name, by value the rest (lambdas, closures, the driver's ``__main__``). The rest
+travels with Ray's serialization.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from procsup._outcome.errors import CriticalTaskError
 
@@ -34,6 +36,7 @@ __all__ = [
     "Refused",
     "StartRequest",
     "Started",
+    "StopDone",
     "StopRequest",
 ]
 
@@ -66,17 +69,22 @@ class StartRequest:
 
     Attributes:
         run_id: Names the run in every later message (made by the driver).
-        task_fn, args, kwargs, description: The task, as ``RunSpec`` has them.
+        description: The task's, as ``RunSpec`` has it.
+        call: ``(task_fn, args, kwargs)``, pickled with cloudpickle.
+        by_value: True when a plain pickle of the call would not do (a lambda, a closure, the
+            driver's ``__main__``): the task process opens ``call`` itself
+            (``procsup._ray.entry.call_pickled``) instead of being started by reference.
+        key: Names the task function, for the agent's memory of how long its runs take.
         memory_limit, cpu_time_limit, capture_output: Applied on the node, as locally.
         cause: None, or the cause of the run's token, which the driver found cancelled already:
             the run starts with its token cancelled (seed C3/C4).
     """
 
     run_id: str
-    task_fn: Callable[..., Any]
     description: str
-    args: tuple[Any, ...]
-    kwargs: Mapping[str, Any]
+    call: bytes
+    by_value: bool
+    key: str
     memory_limit: int | None
     cpu_time_limit: float | None
     capture_output: bool
@@ -85,9 +93,24 @@ class StartRequest:
 
 @dataclass(frozen=True)
 class Started:
-    """The run's process exists and the node's supervision thread watches it."""
+    """The run's process exists and the node's supervision thread watches it.
+
+    Attributes:
+        pid: The process id on the node.
+        outcome: The run's outcome if it ended while the agent waited before answering (a task
+            that ended quickly on this node the last time), else None: it rides the outcomes
+            poll.
+    """
 
     pid: int
+    outcome: Outcome | None = None
+
+
+@dataclass(frozen=True)
+class StopDone:
+    """A stop's ladder is done on the node: what outlived SIGKILL there (usually nothing)."""
+
+    stuck: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -105,7 +128,7 @@ class StopRequest:
     """Stop runs of one agent on procsup's ladder there (``procsup._os.tree.Ladder``).
 
     Attributes:
-        stop_id: Names this stop for ``agent.stopped()``.
+        stop_id: Names this stop's ``StopDone`` on the outcomes poll.
         run_ids: The runs; those already ended are skipped.
         grace, cancel_reason, stop_reason, failure: As for ``Backend.stop()``.
     """

@@ -6,6 +6,7 @@ Both are written by the backend (``procsup._ray.backend``) under its lock or on 
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import math
 import threading
@@ -29,7 +30,8 @@ class AgentLink:
 
     Invariants: ``info`` is None until the agent answered ``ready()``; ``lost`` None until its
     death (or our giving up on it) was seen, then why; ``killed`` the seconds a stop waited
-    before we killed it, or None; ``runs`` every run started on it whose outcome is not out.
+    before we killed it, or None; ``runs`` every run started on it whose outcome is not out;
+    ``stops`` (the loop's) each stop sent to it whose ``StopDone`` has not come.
     """
 
     def __init__(self, key: str, node_id: str, actor: Any) -> None:
@@ -40,6 +42,7 @@ class AgentLink:
         self.lost: str | None = None
         self.killed: float | None = None
         self.runs: set[RayRun] = set()
+        self.stops: dict[str, asyncio.Future[list[str]]] = {}  # on the loop: awaiting StopDone
         self.ready_lock = threading.Lock()
 
     @property
@@ -57,7 +60,9 @@ class RayRun:
     ``start()`` to raise (or retry), not a crash to publish. ``upward`` once the task cancelled
     its own token (the node knows: not relayed back down). ``relayed`` is the hub call that
     carries the token's cancellation to the node, None until sent. ``watched`` watches the token
-    until the outcome is out. ``stop_reason``/``limit_reason`` as for a local run
+    until the outcome is out. ``published`` is set once, under the backend's lock, by whoever
+    publishes the outcome (or by the start that failed): nobody else does. ``stop_reason``/
+    ``limit_reason`` as for a local run
     (``monitor.TaskRecord``).
     """
 
@@ -68,6 +73,7 @@ class RayRun:
         self.wants = wants
         self.pid = 0
         self.started = False  # the agent answered Started: from now on its outcome is ours
+        self.published = False  # its outcome is out (or its start failed): set once, locked
         self.exitcode: int | None = None
         self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self.future.set_running_or_notify_cancel()  # so asyncio.wrap_future can never cancel it

@@ -27,7 +27,8 @@ Who calls what, from which thread:
   own token, made by the caller; the backend hands it to the task and never cancels it, except
   through ``stop()``.
 - ``Run.future``: set exactly once, on the backend's outcome thread (or on the thread that
-  gives up on a lost backend), never cancelled:
+  gives up on a lost backend, or, for a run that ended before ``start`` returned, on the thread
+  that started it), never cancelled:
 
   - a result: the task returned that value;
   - ``TaskFailedError``: it raised an ``Exception``; ``__cause__`` carries its frames;

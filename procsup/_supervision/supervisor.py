@@ -27,14 +27,9 @@ Things that don't work
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
-import enum
-import functools
-import logging
 import multiprocessing
 import multiprocessing.process
 import os
-import signal
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -43,42 +38,18 @@ from typing import Any, TypeVar, overload
 from procsup._os.timeouts import check_timeout
 from procsup._os.tree import KILL_WAIT, REAP_DEADLINE
 from procsup._supervision import handle
-from procsup._supervision.aio import off_loop
+from procsup._supervision.frontend import GRACE_PERIOD, Frontend, GracePeriod
 from procsup._supervision.handle import CriticalTaskExecutionHandle
-from procsup._supervision.lifecycle import Lifecycle
 from procsup._supervision.local import OWN_PRELOAD, LocalBackend, LocalConfig
-from procsup._supervision.options import (
-    DEFAULT,
-    RestartPolicy,
-    TaskOptions,
-    check_call,
-    check_options,
-    check_preload,
-)
-from procsup._supervision.signals import SignalBridge
-from procsup._supervision.status import EventStream, StatusHub, TaskEvent, TaskSnapshot
+from procsup._supervision.options import RestartPolicy, check_options, check_preload
 from procsup._token.token import CancellationToken
 
 __all__ = ["Supervisor", "default_supervisor"]
 
 T = TypeVar("T")
 
-logger = logging.getLogger("procsup")
 
-
-class _Default(enum.Enum):
-    """``shutdown()``'s default timeout: the supervisor's ``grace_period`` (None waits forever)."""
-
-    GRACE_PERIOD = "grace_period"
-
-    def __repr__(self) -> str:
-        return "GRACE_PERIOD"
-
-
-GRACE_PERIOD = _Default.GRACE_PERIOD
-
-
-class Supervisor:
+class Supervisor(Frontend):
     """Starts critical tasks in child processes and supervises them from one thread.
 
     Args:
@@ -102,6 +73,8 @@ class Supervisor:
             that is found but raises when imported makes the first ``spawn()`` raise ImportError.
     """
 
+    _backend: LocalBackend
+
     def __init__(
         self,
         start_method: str | None = None,
@@ -121,29 +94,15 @@ class Supervisor:
         preload = check_preload(preload)
         # Finite: the guardian must stop a dead supervisor's tasks at some point.
         grace = check_timeout(grace_period, "grace_period", finite=True)
-        self._backend = LocalBackend(LocalConfig(start_method, (*OWN_PRELOAD, *preload), grace))
-        self.token = token if token is not None else CancellationToken()
-        self._lock = threading.Lock()  # guards _closed and _signals
-        self._closed = False  # set once by shutdown(); no task starts after
-        self._signals: SignalBridge | None = None  # install_signal_handlers() until shutdown()
+        backend = LocalBackend(LocalConfig(start_method, (*OWN_PRELOAD, *preload), grace))
+        super().__init__(backend, token)
         self._pid = os.getpid()  # a forked copy of this object is inert
-        self._status = StatusHub()  # live tasks (across restarts) and event subscribers
         _ALL.add(self)
 
     @property
     def start_method(self) -> str:
         """The multiprocessing start method of this supervisor's tasks."""
         return self._backend.config.start_method
-
-    @property
-    def closed(self) -> bool:
-        """True once ``shutdown()`` was called (or the supervision thread died)."""
-        return self._closed or self._backend.closed
-
-    @property
-    def grace_period(self) -> float:
-        """Seconds ``shutdown()`` waits for tasks to honour cancellation."""
-        return self._backend.grace_period
 
     @overload
     def spawn(
@@ -241,131 +200,23 @@ class Supervisor:
             restart, max_restarts, period, backoff, memory_limit, cpu_time_limit, timeout,
             capture_output,
         )  # fmt: skip
-        parent = self.token if parent_token is None else parent_token
-        return CriticalTaskExecutionHandle._adopt(
-            self._launch(task_fn, parent, description, args, kwargs, options)
-        )
+        return self._spawn(task_fn, description, args, kwargs, parent_token, options)
 
-    async def spawn_async(
-        self, task_fn: Callable[..., Any], description: str, **spawn_args: Any
-    ) -> CriticalTaskExecutionHandle[Any]:
-        """``spawn()`` from a coroutine, without blocking the event loop.
-
-        Starting a process takes milliseconds (the first start of a supervisor, which boots its
-        zygote, about 100), so the start runs in the loop's default executor. Takes the same
-        arguments and raises the same errors as ``spawn()``. If the awaiting coroutine is cancelled
-        meanwhile, the task is still started, then cancelled and detached.
-        """
-        return await off_loop(functools.partial(self.spawn, task_fn, description, **spawn_args))
-
-    def _launch(
-        self,
-        task_fn: Callable[..., Any],
-        parent: CancellationToken,
-        description: str,
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any] | None,
-        options: TaskOptions = DEFAULT,
-    ) -> Lifecycle:
-        """Validate a task, then start its first run (``handle.Runtime``)."""
-        check_call(task_fn, parent, description, args, kwargs)
-        life = Lifecycle(
-            self._backend, self._status, task_fn, parent, description, args, kwargs, options
-        )
-        life.start()
+    def _launched(self) -> None:
         with self._lock:
             if not self._closed:  # kept alive while it supervises, so that atexit shuts it down
                 _RUNNING.add(self)
-        return life
 
-    def tasks(self) -> list[TaskSnapshot]:
-        """Snapshots of every task not finally done (running, or waiting to restart), oldest first.
+    def _owned(self) -> bool:
+        return os.getpid() == self._pid
 
-        Each reads psutil for the task's RSS and CPU use; a task that exits meanwhile shows None.
-        """
-        return [life.snapshot() for life in self._status.live()]
-
-    def events(self, maxlen: int = 10_000) -> EventStream:
-        """Open a stream of lifecycle events of this supervisor's tasks (see ``TaskEvent``).
-
-        Args:
-            maxlen: Unread events kept; beyond it the oldest are dropped (``stream.dropped``).
-        """
-        return self._status.stream(maxlen)
-
-    def on_event(self, callback: Callable[[TaskEvent], object]) -> Callable[[], None]:
-        """Call ``callback(event)`` for every lifecycle event; return a function removing it.
-
-        The callback runs on the thread that caused the event (the supervision thread for all but
-        a first ``started``): keep it short and non-blocking. What it raises is logged and dropped.
-        """
-        return self._status.add_callback(callback)
-
-    def install_signal_handlers(self) -> None:
-        """Make SIGINT and SIGTERM cancel this supervisor's root token; a second one shuts down.
-
-        The first signal cancels ``token`` with a cause naming it ("Supervisor received SIGTERM
-        (signal 15)"); the program is expected to notice and shut down. A second signal calls
-        ``shutdown()`` with a grace of at most one second. The handlers never block: they write
-        one byte to a pipe that a "procsup-signals" thread reads. ``shutdown()`` (on the main
-        thread) restores the previous handlers. Idempotent.
-
-        Raises:
-            RuntimeError: not called from the main thread, or after ``shutdown()``.
-        """
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("this Supervisor has been shut down")
-            if self._signals is None:
-                self._signals = SignalBridge(self, (signal.SIGINT, signal.SIGTERM))
-
-    def shutdown(self, timeout: float | _Default | None = GRACE_PERIOD) -> None:
-        """Cancel the root token and every task, wait, escalate the stragglers, reap everything.
-
-        Args:
-            timeout: Seconds tasks get to honour cancellation before they are sent SIGTERM, then
-                (one second later) SIGKILL. By default the supervisor's ``grace_period``; None
-                (or ``math.inf``) waits for as long as they take; 0 escalates at once.
-
-        Idempotent. Outcomes stay available on the handles. Tasks killed here raise
-        ``TaskCrashedError`` (stopped on request) from ``join()`` and leave their parent alone.
-
-        Raises:
-            ValueError, TypeError: ``timeout`` is negative, NaN or not a number; nothing is shut
-                down then.
-        """
-        wait = self.grace_period if timeout is GRACE_PERIOD else check_timeout(timeout)
-        if os.getpid() != self._pid:
-            return
-        with self._lock:
-            self._closed = True
-            signals = self._signals
-        backend = self._backend
-        backend.close()
-        if signals is not None and signals.uninstall():
-            self._signals = None
+    def _shutting_down(self) -> None:
         _RUNNING.discard(self)
-        self.token.cancel("Supervisor shut down")
-        runs = backend.live()
-        while runs:  # again, for any task whose start was under way when we closed
-            futures = [run.future for run in runs]
-            reason = f"it did not honour cancellation within {wait} s of shutdown"
-            ladder = backend.stop(runs, wait, "Supervisor shut down", reason)
-            pending: set[concurrent.futures.Future[Any]] = set(futures)
-            while pending and not ladder.done.done():
-                concurrent.futures.wait([*pending, ladder.done], return_when="FIRST_COMPLETED")
-                pending = {future for future in pending if not future.done()}
-            if pending and not ladder.done.result():  # all exited: their outcomes are on the way
-                concurrent.futures.wait(pending, REAP_DEADLINE)
-            runs = [run for run in backend.live() if run.future not in futures]
+
+    def _finish(self) -> None:
         # A task that SIGKILL cannot end (D state) was reported; its watch outlives us.
+        backend = self._backend
         backend.join(KILL_WAIT if backend.live() else REAP_DEADLINE)
-
-    def __enter__(self) -> Supervisor:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.shutdown()
 
     def __repr__(self) -> str:
         state = "shut down" if self._closed else f"{self._backend.live_count()} live tasks"
@@ -389,7 +240,7 @@ def default_supervisor() -> Supervisor:
         return _default
 
 
-def _shutdown_default(timeout: float | _Default | None = GRACE_PERIOD) -> None:
+def _shutdown_default(timeout: float | GracePeriod | None = GRACE_PERIOD) -> None:
     """Shut the default supervisor down and forget it (tests use this between cases)."""
     global _default
     with _default_lock:
