@@ -37,6 +37,7 @@ import io
 import pickle
 import struct
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -53,6 +54,7 @@ __all__ = [
     "encode_error",
     "encode_return",
     "rebuild",
+    "returned",
 ]
 
 _HEADER = struct.Struct("!Q")
@@ -103,9 +105,14 @@ def _frame(kind: bytes, payload: bytes) -> bytes:
     return _HEADER.pack(len(payload) + 1) + kind + payload
 
 
-def encode_return(value: Any) -> bytes:
-    """Return the frame carrying ``value``; raises whatever pickling ``value`` raises."""
-    return _frame(_RETURN, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+def encode_return(value: Any, dumps: Callable[[Any], bytes] | None = None) -> bytes:
+    """Return the frame carrying ``value``; raises whatever pickling ``value`` raises.
+
+    ``dumps``: how to pickle it (cloudpickle, by value); None is plain pickle, by reference.
+    """
+    if dumps is None:
+        return _frame(_RETURN, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+    return _frame(_RETURN, dumps(value))
 
 
 def _type_name(cls: type) -> str:
@@ -164,6 +171,11 @@ def _undecodable(what: str, exc: Exception) -> ErrorReport:
         text="".join(traceback.format_exception(exc)),
         exception=None,
     )
+
+
+def returned(body: bytes | bytearray | memoryview) -> bool:
+    """Whether a complete frame body reports a return (not an error), without decoding it."""
+    return bytes(body[:1]) == _RETURN
 
 
 def decode(body: bytes | bytearray | memoryview) -> Returned | ErrorReport:
