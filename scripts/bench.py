@@ -6,12 +6,15 @@ The machine is shared and noisy, so absolute numbers mean little; the ratios are
     python scripts/bench.py tokens         # one section
     python scripts/bench.py --quick        # fewer runs, for a smoke test
     python scripts/bench.py hygiene        # supervisor RSS over 10,000 tasks (slope in bytes/task)
+    python scripts/bench.py executor       # procsup.Executor against pebble's and CF's pools
     python scripts/bench.py ray            # procsup.ray on a local two-node Ray cluster
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import gc
 import logging
 import multiprocessing as mp
@@ -21,6 +24,7 @@ import resource
 import signal
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import timeit
@@ -32,7 +36,7 @@ import bench_pebble  # beside this script
 import bench_tasks
 import psutil
 
-from procsup import CancellationToken, Supervisor
+from procsup import CancellationToken, Executor, Supervisor
 from procsup._token.arena import Arena  # the lock holder query is a diagnostic, not public API
 
 CTX: Any = mp.get_context("fork")  # the measuring child: what matters is the primitive inside it
@@ -545,6 +549,133 @@ def hygiene_section(quick: bool) -> list[Row]:
     return default + bench_rss_flat(300 if quick else 2_000, 50 if quick else 200, "fork")
 
 
+# --- executor: many short items on reused pools ---------------------------------------------
+
+
+def _us_per_item(submit: Callable[[int], concurrent.futures.Future[Any]], count: int) -> float:
+    """Submit ``count`` items at once, wait for every result: microseconds per item."""
+    start = time.perf_counter()
+    futures = [submit(i) for i in range(count)]
+    for future in futures:
+        future.result()
+    return (time.perf_counter() - start) / count * 1e6
+
+
+def _interleaved(fns: dict[str, Callable[[], float]], runs: int) -> dict[str, float]:
+    """Median of what each fn returns, measured round-robin so load changes hit them all alike."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(runs + 1):
+        for name, fn in fns.items():
+            value = fn()
+            if round_:  # the first round warms every pool up
+                samples[name].append(value)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def bench_executor_throughput(runs: int, count: int, workers: int) -> list[Row]:
+    pebble_pool = bench_pebble.pool(workers)
+    try:
+        with Executor(workers) as ours, concurrent.futures.ProcessPoolExecutor(workers) as cf:
+            item = bench_tasks.ident
+            us = _interleaved(
+                {
+                    "ours": lambda: _us_per_item(lambda i: ours.submit(item, i), count),
+                    "pebble": lambda: _us_per_item(
+                        lambda i: pebble_pool.schedule(item, args=(i,)), count
+                    ),
+                    "cf": lambda: _us_per_item(lambda i: cf.submit(item, i), count),
+                },
+                runs,
+            )
+    finally:
+        pebble_pool.close()
+        pebble_pool.join()
+    name = f"Executor: {count:,} trivial items, {workers} workers, per item"
+    rate = f"{1e6 / us['ours']:,.0f} items/s"
+    return [
+        Row(f"{name} ({rate})", us["ours"], "us", us["pebble"], "pebble ProcessPool, reused", 1.0),
+        Row(f"{name} ({rate})", us["ours"], "us", us["cf"], "CF ProcessPoolExecutor, reused", 1.0),
+    ]
+
+
+def bench_executor_crash(runs: int, count: int, workers: int) -> Row:
+    """Per item, ``count`` items of which one crashes its worker, against ``count`` clean ones."""
+    with Executor(workers) as ex:
+        item, dies = bench_tasks.ident, bench_tasks.die_item
+
+        def one_crash(i: int) -> concurrent.futures.Future[Any]:
+            return ex.submit(dies) if i == count // 2 else ex.submit(item, i)
+
+        def crashed(future: concurrent.futures.Future[Any]) -> None:
+            with contextlib.suppress(Exception):  # the crash is the point
+                future.result()
+
+        def with_crash() -> float:
+            start = time.perf_counter()
+            futures = [one_crash(i) for i in range(count)]
+            for future in futures:
+                crashed(future)
+            return (time.perf_counter() - start) / count * 1e6
+
+        us = _interleaved(
+            {
+                "clean": lambda: _us_per_item(lambda i: ex.submit(item, i), count),
+                "crash": with_crash,
+            },
+            runs,
+        )
+    return Row(
+        f"Executor: 1 crash among {count:,} items, per item "
+        f"({us['clean'] / us['crash']:.2f}x the crash-free throughput)",
+        us["crash"],
+        "us",
+        us["clean"],
+        "crash-free",
+        1 / 0.9,
+    )
+
+
+def bench_replacement(runs: int) -> Row:
+    """From a worker's crash until its replacement starts an item (one worker: the item waits for
+    it), against a default start: spawn() to result."""
+    with tempfile.TemporaryDirectory() as tmp, Executor(1) as ex, Supervisor() as sup:
+        path = os.path.join(tmp, "stamp")
+
+        def replace() -> float:
+            crash = ex.submit(bench_tasks.stamp_then_die, path)
+            probe = ex.submit(bench_tasks.started_at)
+            started = probe.result()
+            with contextlib.suppress(Exception):
+                crash.result()
+            with open(path, "rb") as f:
+                died: float = bench_tasks.STAMP.unpack(f.read())[0]
+            return (started - died) * 1e3
+
+        def start() -> float:
+            begin = time.perf_counter()
+            sup.spawn(bench_tasks.trivial, "t").join()
+            return (time.perf_counter() - begin) * 1e3
+
+        ms = _interleaved({"replace": replace, "start": start}, runs)
+    return Row(
+        "Executor: crash until the replacement worker runs an item",
+        ms["replace"],
+        "ms",
+        ms["start"],
+        "default start: spawn() to result",
+        2.0,
+    )
+
+
+def executor_section(quick: bool) -> list[Row]:
+    workers = os.cpu_count() or 2
+    runs = 5 if quick else 15
+    rows = bench_executor_throughput(runs, 2_000, workers)
+    rows.append(bench_executor_crash(runs, 1_000, workers))
+    rows.append(bench_replacement(runs * 2))
+    return rows
+
+
 def ray_section(quick: bool) -> list[Row]:
     import bench_ray  # beside this script; imports Ray, which only this section needs
 
@@ -557,6 +688,7 @@ SECTIONS: dict[str, Callable[[bool], list[Row]]] = {
     "tasks": tasks_section,
     "daemon": daemon_section,
     "hygiene": hygiene_section,
+    "executor": executor_section,
     "ray": ray_section,
 }
 

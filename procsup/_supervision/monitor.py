@@ -385,12 +385,13 @@ class Monitor:
             error = _crash.stopped(task, exitcode, error)
         if isinstance(error, TaskCrashedError):
             _crash.annotate(error, task.info, task.started, task.stderr)
+        quiet = task.spec.options.quiet  # its owner reports it, naming what it was for
         if task.stop_reason is not None:
-            logger.warning("%s", error)
+            logger.log(logging.DEBUG if quiet else logging.WARNING, "%s", error)
         else:
             if task.cancels_parent:
                 task.parent.cancel(str(error))
-            logger.error("%s", error)
+            logger.log(logging.DEBUG if quiet else logging.ERROR, "%s", error)
         task.future.set_exception(error)
 
     def _lose_all(self) -> None:

@@ -728,6 +728,26 @@ class Arena:
         if w[base + _FIRST]:
             self._cancel_descendants(slot)
 
+    def cancel_unstarted(self, slot: int, live: int, reason: str | None) -> bool:
+        """Cancel the node unless it has a live child; True if it is now cancelled and childless.
+
+        ``alloc`` links a child under the same lock, so a child made meanwhile was made either
+        before (False here) or after, born cancelled (True here). A node that is gone gives False.
+        """
+        w = self.words
+        base = slot * SLOT_WORDS
+        if (w[base + _WORD] ^ live) & GEN:
+            return False
+        child = w[base + _FIRST]
+        budget = w[_H_HIGH]  # never loop forever on a corrupt list
+        while child and budget > 0:
+            budget -= 1
+            if w[child * SLOT_WORDS + _REFS]:  # dead nodes on the list (a killed release) aside
+                return False
+            child = w[child * SLOT_WORDS + _NEXT]
+        self.cancel(slot, reason)
+        return True
+
     def _cancel_descendants(self, root: int) -> None:
         """Cancel every live descendant of the cancelled ``root``, each with its parent's cause."""
         w = self.words

@@ -18,13 +18,32 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from procsup._os.timeouts import check_timeout
-from procsup._token.arena import CAUSE, DEFAULT_REASON, GEN, HINT, PULL, SLOT_WORDS, Arena
+from procsup._token.arena import (
+    CAUSE,
+    DEFAULT_REASON,
+    GEN,
+    HINT,
+    PATIENCE,
+    PULL,
+    SLOT_WORDS,
+    Arena,
+)
 from procsup._token.futex import futex_wait, futex_wake
 
 if TYPE_CHECKING:
     import asyncio
 
-__all__ = ["CancellationToken", "DropGuard", "borrow_args", "borrowed", "lock_is_free", "prune"]
+__all__ = [
+    "CancellationToken",
+    "DropGuard",
+    "borrow_args",
+    "borrow_node",
+    "borrowed",
+    "cancel_unstarted",
+    "lock_is_free",
+    "node",
+    "prune",
+]
 
 T = TypeVar("T")
 
@@ -332,6 +351,41 @@ def borrow_args(token: CancellationToken, popen: object) -> tuple[Any, ...]:
 def borrowed(key: bytes, fd: Any, slot: int, live: int) -> CancellationToken:
     """A token on the node ``borrow_args()`` described, holding no reference to it."""
     return CancellationToken._from_slot(Arena.adopt(key, fd), slot, live, 0)
+
+
+def node(token: CancellationToken) -> tuple[int, int]:
+    """The ``(slot, live)`` naming ``token``'s node in its arena, for ``borrow_node()`` in another
+    process that shares the arena (an executor's worker names the nodes its next items will run
+    under; the executor cancels them through borrowed handles)."""
+    return token._slot, token._live
+
+
+def borrow_node(near: CancellationToken, slot: int, live: int) -> CancellationToken:
+    """A token on the node ``(slot, live)`` of ``near``'s arena, holding no reference to it.
+
+    Whoever made the node keeps it alive for as long as the borrower may use it; a node freed
+    meanwhile reads as cancelled here, and nothing is ever released twice (as for ``borrowed()``).
+    Nothing crosses a process boundary: only two integers travel, which any pipe can carry.
+    """
+    return CancellationToken._from_slot(near._arena, slot, live, 0)
+
+
+def cancel_unstarted(token: CancellationToken, reason: str, patience: float = PATIENCE) -> bool:
+    """Cancel ``token`` unless a child has been made of it; True if it now is cancelled and has
+    no child, so that any child made of it from now on is born cancelled.
+
+    One-way and atomic with ``child_token()`` in every process (both hold the arena lock): a
+    process that marks "I started" by making a child, and another that takes the work back with
+    this, never both win. False also when the node is gone, or when the arena lock was not had
+    within ``patience`` seconds (its holder is stopped): then nothing was cancelled.
+    """
+    arena = token._arena
+    if not arena.lock(patience=patience):
+        return False
+    try:
+        return arena.cancel_unstarted(token._slot, token._live, reason)
+    finally:
+        arena.unlock()
 
 
 def lock_is_free(token: CancellationToken) -> bool:
