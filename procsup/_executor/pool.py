@@ -272,6 +272,8 @@ class Pool(Handout):
                 self._loop.turn(self._has_work)
                 self._dispatch()
                 self._publish_answers()  # after the next items are out: workers wait for nothing
+                if not self._queue:  # idle CPU, now: a spare costs the items nothing
+                    self._want_spare()
                 if self._finished():
                     return
         except BaseException:
@@ -285,7 +287,7 @@ class Pool(Handout):
         return bool(self._queue) and any(worker.open for worker in self._ready)
 
     def _finished(self) -> bool:
-        if self._workers:
+        if self._workers or self._spare_starting:  # a spare counts toward no limit: wait for it
             return False
         with self._lock:
             return self._ending() and self._live == 0 and not self._queue
@@ -302,7 +304,7 @@ class Pool(Handout):
         for worker in self._workers.values():  # only if the thread died: they were stopped
             worker.close()
         watch.cancel("procsup.Executor shut down")  # the watcher returns
-        self._starts.put(None)  # and the starter (no start is under way: _live is 0)
+        self._starts.put(None)  # and the starter (no start is under way: see _finished)
         _LIVE.discard(self)
 
     def _watch_output(self, worker: Worker) -> None:
@@ -434,6 +436,10 @@ class Pool(Handout):
         thousand trivial items cost ~15% of their throughput on a loaded 2-core machine. The
         spare is an idle worker beyond ``max_workers``, kept only once replacements happen
         (crashy items, ``max_tasks_per_child``), as procsup's zygote keeps a child forked ahead.
+        A new spare starts once the queue is empty (``_run``), not at once: its start takes a
+        core's milliseconds from the items while they queue (measured, medians of 40 runs of 1
+        crash among 1,000 items against none: 0.89-0.97x the crash-free throughput starting it
+        at once, 0.98-1.01x once the queue is empty).
         """
         self._spare_wanted = True
         spare = self._spare
@@ -450,7 +456,6 @@ class Pool(Handout):
             spare.spare = False
             spare.counted = True
             self._ready.append(spare)
-        self._want_spare()
 
     def _want_spare(self) -> None:
         if not self._spare_wanted or self._spare is not None or self._spare_starting:
