@@ -112,36 +112,41 @@ def dumps_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[st
         TypeError: neither can pickle it; the message names the function, argument or keyword
             argument that failed, and why.
     """
-    call = (fn, args, dict(kwargs))
-    data = _by_reference(call)
-    if data is not None:
-        return data
-    try:
-        return _by_value(call)
-    except Exception as exc:
+
+    def refused(exc: Exception) -> TypeError:
         parts: list[tuple[str, object]] = [("its function", fn)]
         parts += [(f"argument {i}", arg) for i, arg in enumerate(args)]
         parts += [(f"keyword argument {key!r}", value) for key, value in kwargs.items()]
         culprit, error = _culprit(parts, exc)
-        raise TypeError(
+        return TypeError(
             f"procsup.Executor cannot send a call of {describe(fn)} to a worker process: "
             f"{culprit} cannot be pickled, by reference or by value (cloudpickle): {error}"
-        ) from exc
+        )
+
+    return _dumps((fn, args, dict(kwargs)), refused)
 
 
 def dumps_object(obj: object, what: str) -> bytes:
     """Pickle one object (an initializer) as ``dumps_call`` pickles a call; ``what`` names it in
     the TypeError raised when it cannot be."""
+
+    def refused(exc: Exception) -> TypeError:
+        return TypeError(
+            f"procsup.Executor cannot send {what} ({type(obj).__qualname__}) to its worker "
+            f"processes: it cannot be pickled, by reference or by value (cloudpickle): {exc}"
+        )
+
+    return _dumps(obj, refused)
+
+
+def _dumps(obj: object, refused: Callable[[Exception], TypeError]) -> bytes:
     data = _by_reference(obj)
     if data is not None:
         return data
     try:
         return _by_value(obj)
     except Exception as exc:
-        raise TypeError(
-            f"procsup.Executor cannot send {what} ({type(obj).__qualname__}) to its worker "
-            f"processes: it cannot be pickled, by reference or by value (cloudpickle): {exc}"
-        ) from exc
+        raise refused(exc) from exc
 
 
 def _culprit(parts: list[tuple[str, object]], error: Exception) -> tuple[str, Exception]:
