@@ -8,10 +8,10 @@ Here: the public handle, its blocking and asyncio waits, and how it crosses into
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing.context
 import os
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Coroutine
 from types import TracebackType
@@ -28,7 +28,8 @@ from procsup._token.arena import (
     SLOT_WORDS,
     Arena,
 )
-from procsup._token.futex import futex_wait, futex_wake
+from procsup._token.futex import futex_wait
+from procsup._token.watch import awaiting
 
 if TYPE_CHECKING:
     import asyncio
@@ -216,45 +217,23 @@ class CancellationToken:
         return text
 
     async def cancelled(self) -> None:
-        """Wait, without blocking the event loop, until this token is cancelled."""
+        """Wait, without blocking the event loop, until this token is cancelled.
+
+        The wait is a watch of the process's ``TokenWatch`` (``procsup._token.watch``), whose
+        thread sleeps on every awaited token at once; cancelling the await ends the watch, and
+        once nothing is awaited, the thread.
+        """
         import asyncio  # not at module level: see procsup._supervision.aio
 
         if self.is_cancelled():
             return
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        aborted = threading.Event()
-        thread = threading.Thread(
-            target=self._wait_for_loop,
-            args=(loop, done, aborted),
-            name="procsup-token-waiter",
-            daemon=True,
-        )
-        thread.start()
+        watched = awaiting().watch(self, functools.partial(_wake_loop, loop, done))
         try:
             await done
         finally:
-            if not done.done() or done.cancelled():
-                aborted.set()
-                futex_wake(self._arena.address + self._word * 4)
-                self._arena.wake_pulled()
-
-    def _wait_for_loop(
-        self, loop: asyncio.AbstractEventLoop, done: asyncio.Future[None], aborted: threading.Event
-    ) -> None:
-        words, word, live = self._words, self._word, self._live
-        words[word + HINT] = 1
-        address = self._arena.address + word * 4
-        arena = self._arena
-        while not aborted.is_set():
-            current = words[word]
-            if current == live:
-                futex_wait(address, live, None)
-            elif current & ~PULL != live or arena.wait_pulled(self._slot, live, None):
-                break
-        if not aborted.is_set():
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(_set_done, done)
+            watched.cancel()
 
     async def run_until_cancelled(self, aw: Awaitable[T]) -> T | None:
         """Run ``aw`` until it finishes or this token is cancelled, whichever comes first.
@@ -320,6 +299,11 @@ class CancellationToken:
     def __repr__(self) -> str:
         state = "cancelled" if self.is_cancelled() else "live"
         return f"<CancellationToken node={self._slot}.{self._live >> 1} {state}>"
+
+
+def _wake_loop(loop: asyncio.AbstractEventLoop, done: asyncio.Future[None], cause: str) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+        loop.call_soon_threadsafe(_set_done, done)
 
 
 def _set_done(future: asyncio.Future[None]) -> None:
