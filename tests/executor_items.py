@@ -10,7 +10,9 @@ from __future__ import annotations
 import ctypes
 import os
 import resource
+import select
 import signal
+import subprocess
 import threading
 import time
 from typing import Any
@@ -112,6 +114,16 @@ def allocate(size: int) -> int:
     return len(bytearray(size))
 
 
+def leave_children() -> list[int]:
+    """Start two processes that outlive this item (one in a session of its own); their pids."""
+    procs = [
+        subprocess.Popen(["sleep", str(4 * DEADLINE)], start_new_session=session)
+        for session in (False, True)
+    ]
+    STATE.setdefault("children", []).extend(procs)  # no ResourceWarning: still referenced
+    return [proc.pid for proc in procs]
+
+
 async def async_double(x: int) -> int:
     import asyncio
 
@@ -168,6 +180,27 @@ def hard_exit(code: int) -> None:
     os._exit(code)
 
 
+def fork_then(how: str) -> tuple[str, int]:
+    """Fork; the child leaves by ``how`` ("return", "raise", or the code of a sys.exit()), not by
+    os._exit, as careless code does; the parent returns how the child ended (killed if it has not
+    ended within the deadline)."""
+    pid = os.fork()
+    if pid == 0:
+        if how == "return":
+            return ("child", -1)
+        if how == "raise":
+            raise ValueError("raised in the forked child")
+        raise SystemExit(int(how))
+    fd = os.pidfd_open(pid)
+    try:
+        if not select.select([fd], [], [], DEADLINE)[0]:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    return ("parent", os.waitstatus_to_exitcode(status))
+
+
 # ---------------------------------------------------------------- handshakes
 
 
@@ -183,6 +216,12 @@ def arrive_then_wait(index: int, gate: int, value: Any = None) -> Any:
     if not SIGNALS[gate].wait(DEADLINE):
         raise TimeoutError("the test never opened the gate")
     return value
+
+
+def arrive_then_report_token(index: int, gate: int) -> tuple[bool, str | None]:
+    """Say "I got here", wait for ``SIGNALS[gate]``; return this item's token state then."""
+    arrive_then_wait(index, gate)
+    return token_state()
 
 
 def arrive_then_wait_for_cancel(index: int, saw: int) -> str:

@@ -583,6 +583,19 @@ def test_a_crash_fails_only_its_item(make: MakeExecutor) -> None:
             assert future.result(DEADLINE) == 2 * i
 
 
+@pytest.mark.parametrize(("how", "exitcode"), [("return", 0), ("raise", 1), ("0", 0), ("3", 3)])
+def test_a_process_an_item_forked_that_comes_back_exits(
+    make: MakeExecutor, how: str, exitcode: int
+) -> None:
+    """Test that a process an item forked and did not end with os._exit (it returned, raised or
+    called sys.exit()) exits as a script would, instead of answering for the item or taking the
+    worker's next items."""
+    executor = make(1)
+    pid = executor.submit(items.pid).result(DEADLINE)
+    assert executor.submit(items.fork_then, how).result(DEADLINE) == ("parent", exitcode)
+    assert [executor.submit(items.pid).result(DEADLINE) for _ in range(8)] == [pid] * 8
+
+
 def test_idle_worker_killed_from_outside_fails_no_item(make: MakeExecutor) -> None:
     """Test that a worker killed while idle is replaced, and an item sent to it before its
     death was known goes to another worker instead of failing."""
@@ -901,6 +914,59 @@ def test_unpicklable_argument_in_map_cancels_what_was_submitted(make: MakeExecut
 
 
 # ---------------------------------------------------------------- nothing left behind
+
+
+def test_shutdown_kills_what_items_left_running(make: MakeExecutor) -> None:
+    """Test that processes an item started and left running (one in a session of its own) are
+    gone once shutdown(wait=True) has returned, under every start method, not a grace period
+    later."""
+    executor = make(1)
+    pids = executor.submit(items.leave_children).result(DEADLINE)
+    assert all(psutil_alive(pid) for pid in pids)
+    assert executor.submit(items.mul, 2, 2).result(DEADLINE) == 4  # the worker goes on
+    assert all(psutil_alive(pid) for pid in pids)  # while it lives, so do they
+    executor.shutdown(wait=True)
+    assert [pid for pid in pids if not process_gone(pid, 0)] == []
+
+
+def test_an_executor_copied_by_fork_refuses_items(make: MakeExecutor) -> None:
+    """Test that in a process forked from the executor's owner, submit raises RuntimeError
+    (its threads did not come along: the item would never run), and shutdown and cancelling a
+    copy of a running item's future do nothing; the owner's executor and item go on."""
+    signals = tokens(2)
+    executor = make(2, initializer=items.remember, initargs=signals)
+    assert executor.submit(items.mul, 2, 3).result(DEADLINE) == 6
+    running = executor.submit(items.arrive_then_report_token, 0, 1)
+    arrived(signals[0])
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        code = 1
+        try:
+            os.close(reader)
+            running.cancel()
+            try:
+                executor.submit(items.mul, 1, 1)
+            except RuntimeError as exc:
+                os.write(writer, str(exc).encode())
+            else:
+                os.write(writer, b"submitted")
+            executor.shutdown(wait=True)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(writer)
+    try:
+        assert process_gone(pid, DEADLINE)
+        _, status = os.waitpid(pid, 0)
+        report = os.read(reader, 4096).decode()
+    finally:
+        os.close(reader)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert report == "a procsup.Executor cannot be used in a process forked from its owner"
+    assert executor.submit(items.mul, 3, 3).result(DEADLINE) == 9
+    signals[1].cancel()  # let the item go: it reports its token as the child left it
+    assert running.result(DEADLINE) == (False, None)
 
 
 def test_collected_executor_ends_its_workers(start_method: str) -> None:

@@ -212,7 +212,8 @@ class Executor(concurrent.futures.Executor):
             TypeError: ``fn`` is not callable, or the call cannot be pickled (the message names
                 the argument); or the first worker could not be started (``initargs`` that
                 cannot be pickled for the start method).
-            RuntimeError: after ``shutdown()``, or once ``token`` is cancelled (naming why).
+            RuntimeError: after ``shutdown()``, once ``token`` is cancelled (naming why), or in a
+                process forked from the executor's owner (its threads did not come along).
             BrokenExecutorError: the executor is broken (a failed initializer, say).
         """
         if not callable(fn):

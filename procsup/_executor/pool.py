@@ -110,6 +110,7 @@ class Pool(Handout):
         self._numbers = itertools.count(1)
         self._loop: Loop | None = None  # made with the thread, on the first submit
         self._workers: dict[int, Worker] = {}
+        self._pid = os.getpid()  # a copy forked into another process is inert
 
     # ---------------------------------------------------------------- any thread
 
@@ -136,6 +137,10 @@ class Pool(Handout):
 
     def _refuse(self) -> None:
         """Under the lock: raise if no item may be submitted now."""
+        if os.getpid() != self._pid:  # its threads did not come along: nothing would run it
+            raise RuntimeError(
+                "a procsup.Executor cannot be used in a process forked from its owner"
+            )
         if self._broken is not None:
             raise self._broken
         if self._closing:
@@ -196,7 +201,10 @@ class Pool(Handout):
         """In the thread that cancelled its future, before ``cancel()`` returns: an item sent to
         a worker has its node cancelled now, so that it never starts if it has not yet (the
         worker marks a start under the arena lock, which carries out the cancel first). The rest
-        (taking it back, or stopping it) is the thread's."""
+        (taking it back, or stopping it) is the thread's. A copy of the future in a forked child
+        cancels nothing: the item and its node are the owner's."""
+        if os.getpid() != self._pid:
+            return
         dispatch = item.dispatch  # the thread's; a snapshot is enough (see _send)
         if dispatch is not None:
             dispatch.token.cancel(f"Executor item '{item.description}' was cancelled")
@@ -205,6 +213,8 @@ class Pool(Handout):
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         """Refuse new items; with ``cancel_futures``, cancel those not started; workers end once
         nothing waits. ``wait``: return once everything has ended (idempotent)."""
+        if os.getpid() != self._pid:
+            return  # a forked copy: the workers and threads are its owner's
         with self._lock:
             self._closing = True
             thread, watcher, starter = self._thread, self._watcher, self._starter

@@ -59,12 +59,18 @@ from __future__ import annotations
 import collections
 import contextlib
 import inspect
+import os
+import sys
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
+import psutil
+
 from procsup._os.fds import write_all
+from procsup._os.tree import KILL_WAIT, kill_trees
 from procsup._outcome.remote import encode_error
 from procsup._process import items
 from procsup._process.reduction import loads_sharing_main
@@ -115,6 +121,7 @@ def _run(call: bytes, memory_limit: int | None) -> bytes:
     except BaseException as exc:  # noqa: BLE001 - the item's outcome, whatever it is
         exc.add_note("procsup: the item could not be unpickled in its worker process")
         return encode_error(exc)
+    worker = os.getpid()
     try:
         value = fn(*args, **kwargs)
         if inspect.isawaitable(value):
@@ -122,20 +129,46 @@ def _run(call: bytes, memory_limit: int | None) -> bytes:
 
             value = asyncio.run(_await(value))
     except SystemExit as exc:
+        _leave_if_forked(worker, exc)
         # As for a task: sys.exit() and sys.exit(0) say "done"; the worker goes on regardless.
         if exc.code not in (0, None):
             return encode_error(exc)
         value = None
     except MemoryError as exc:
+        _leave_if_forked(worker, exc)
         try:
             raise over_limit(exc, memory_limit) from exc
         except MemoryError as reported:
             return encode_error(reported)
     except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt included: an outcome
+        _leave_if_forked(worker, exc)
         return encode_error(exc)
     finally:
         del fn, args, kwargs
+    _leave_if_forked(worker, None)
     return items.encode_value(value)
+
+
+def _leave_if_forked(worker: int, exc: BaseException | None) -> None:
+    """In a process the item forked that came back here (``sys.exit()`` in the child, a raise, a
+    return: anything but ``os._exit``): it holds the worker's pipes, and must neither reply for
+    the item nor read the next ones. It exits as the end of a script would have ended it."""
+    if os.getpid() == worker:
+        return
+    code = 0
+    if isinstance(exc, SystemExit):
+        if isinstance(exc.code, int):
+            code = exc.code
+        elif exc.code is not None:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    elif exc is not None:
+        traceback.print_exception(exc)
+        code = 1
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
 
 
 def serve(
@@ -145,7 +178,42 @@ def serve(
     config: WorkerConfig,
     *initargs: Any,
 ) -> None:
-    """Run items from ``tasks`` until QUIT or EOF, replying on ``results`` (in the worker)."""
+    """Run items from ``tasks`` until QUIT or EOF, replying on ``results`` (in the worker);
+    then kill what the items and the initializer left running."""
+    try:
+        _serve(token, tasks, results, config, initargs)
+    finally:
+        _end_leftovers()
+
+
+def _end_leftovers() -> None:
+    """Kill every process below this worker, and wait (boundedly) for its children.
+
+    The worker is a subreaper (``procsup._process.entry``), so whatever its items started is
+    below it, ``setsid()`` ones included. Left to the zygote, they would live on for the grace
+    period after ``shutdown(wait=True)`` returned; under ``fork``, the shim's tree is killed at
+    once. The same here, under every start method."""
+    pids: list[int] = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir("/proc/self/task"):  # a thread's children are listed under it
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/children") as f:
+                pids += [int(pid) for pid in f.read().split()]
+    roots = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            roots.append(psutil.Process(pid))
+    if roots:
+        kill_trees(roots)
+        psutil.wait_procs(roots, timeout=KILL_WAIT)
+
+
+def _serve(
+    token: CancellationToken,
+    tasks: Connection,
+    results: Connection,
+    config: WorkerConfig,
+    initargs: tuple[Any, ...],
+) -> None:
     rfd, wfd = tasks.fileno(), results.fileno()
     if config.initializer is not None:
         try:
