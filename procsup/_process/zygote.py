@@ -75,6 +75,7 @@ import psutil
 
 from procsup._os import tree as _contain
 from procsup._os.fds import MAX_FDS, read_exactly, send_fds, wait_readable, write_all
+from procsup._os.forking import RECORDER
 from procsup._os.tree import ExitInfo
 from procsup._process import shim as _shim
 from procsup._process.guardian import STATUS, decode_status
@@ -414,7 +415,7 @@ class _Zygote:
             [
                 sys.executable,
                 "-c",
-                "import procsup._process.server as z; z.serve()",
+                RECORDER + "import procsup._process.server as z; z.serve(hooks, early)",
                 str(theirs.fileno()),
             ],
             pass_fds=(theirs.fileno(),),
