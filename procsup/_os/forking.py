@@ -45,9 +45,10 @@ import traceback
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-__all__ = ["RECORDER", "Hook", "Hooks", "fork_copy"]
+__all__ = ["RECORDER", "Hook", "Hooks", "fork_copy", "thread_repair"]
 
 Hook = dict[str, Callable[[], object]]
+_Plan = tuple[tuple[Callable[[], object], ...], ...]  # before, after_in_child, after_in_parent
 
 # What the zygote runs first (``python -c``), before anything imports procsup: ``hooks`` gets
 # every hook registered from then on, ``early`` names what was imported before.
@@ -55,6 +56,9 @@ RECORDER = (
     "import os, sys; early = tuple(sys.modules); hooks = []; register = os.register_at_fork; "
     "os.register_at_fork = lambda **kw: (register(**kw), hooks.append(kw))[0]; "
 )
+
+# Hooks marked with ``thread_repair()``: skipped, as threading's are, in a one-thread parent.
+_THREAD_REPAIRS: set[Any] = set()
 
 # Set in a .pth file by setuptools (its editable finders, its distutils shim): no at-fork hooks.
 _PTH_HELPERS = ("_distutils_hack", "__editable__")
@@ -87,10 +91,24 @@ def _call(hook: Callable[[], object]) -> None:
         traceback.print_exc()
 
 
+def thread_repair(hook: Callable[[], object]) -> Callable[[], object]:
+    """Mark ``hook``, an ``after_in_child`` hook that only re-creates locks, as one ``Hooks.fork``
+    skips, as it skips threading's: the one thread of a process that forks that way (the
+    zygote, from its main loop) holds no such lock when it forks. ``os.fork()`` still runs it.
+    Returns ``hook``, to be registered as usual.
+
+    A skipped hook is pages a child does not write: procsup's lock resets cost every task of a
+    zygote ~40 page faults (copies of pages it shares with the zygote) on this 2-core VM.
+    """
+    _THREAD_REPAIRS.add(hook)
+    return hook
+
+
 def _repairs() -> set[Any]:
-    """The standard library's hooks (3.11) that only repair what another thread left behind:
-    threading's, logging's and concurrent.futures.thread's, as registered."""
-    found: set[Any] = set()
+    """The hooks that only repair what another thread left behind: the standard library's
+    (3.11: threading's, logging's and concurrent.futures.thread's, as registered) and those
+    marked with ``thread_repair()``."""
+    found: set[Any] = set(_THREAD_REPAIRS)
     threading = sys.modules.get("threading")
     if threading is not None:
         found.add(getattr(threading, "_after_fork", None))
@@ -122,6 +140,7 @@ class Hooks:
             for name in early
         )
         self._reseed = "random" in early
+        self._plan: tuple[int, int, _Plan] | None = None  # (hooks, modules) it was made for
 
     @property
     def fast(self) -> bool:
@@ -134,28 +153,38 @@ class Hooks:
         if not self.fast:
             return os.fork()
         sys.audit("os.fork")
-        repairs = _repairs()
-        hooks = list(self._kept)
-        for hook in reversed(hooks):
-            before = hook.get("before")
-            if before is not None and before not in repairs:
-                _call(before)
+        before, in_child, in_parent = self._hooks()
+        for hook in before:
+            _call(hook)
         pid = _fork()
         if pid == 0:
-            for hook in hooks:
-                child = hook.get("after_in_child")
-                if child is not None and child not in repairs:
-                    _call(child)
-            if self._reseed:
-                _call(_reseed_random)
+            for hook in in_child:
+                _call(hook)
             return 0
-        for hook in hooks:
-            parent = hook.get("after_in_parent")
-            if parent is not None and parent not in repairs:
-                _call(parent)
+        for hook in in_parent:
+            _call(hook)
         if pid < 0:
             raise OSError(-pid, os.strerror(-pid))
         return pid
+
+    def _hooks(self) -> _Plan:
+        """The hooks to run, in order, made again only once a hook or a module is added (an
+        import may add a repair): walking the hook dicts at every fork wrote to each (their
+        reference counts) after the last fork had shared it with a child, a copied page each."""
+        key = (len(self._kept), len(sys.modules))
+        if self._plan is None or self._plan[:2] != key:
+            repairs = _repairs()
+
+            def pick(when: str, hooks: Sequence[Hook]) -> tuple[Callable[[], object], ...]:
+                found = (hook.get(when) for hook in hooks)
+                return tuple(fn for fn in found if fn is not None and fn not in repairs)
+
+            in_child = pick("after_in_child", self._kept)
+            if self._reseed:
+                in_child += (_reseed_random,)
+            plan = (pick("before", self._kept[::-1]), in_child, pick("after_in_parent", self._kept))
+            self._plan = (key[0], key[1], plan)
+        return self._plan[2]
 
 
 def _reseed_random() -> None:

@@ -15,7 +15,8 @@
 The outcome is decided from the frame, and death from the process: a task that dies before its
 frame is complete crashed, whatever it wrote. A zygote's spare runs ``warm()`` while it idles:
 the steps of ``main()`` (and of the setup it runs) that do not depend on the task, so that their
-first writes to the pages the spare shares with the zygote are not on the start's path.
+first writes to the pages the spare shares with the zygote are not on the start's path. Those
+whose result a fork inherits the zygote runs once for all its children (``prepare_zygote()``).
 
 Things that don't work
 ----------------------
@@ -47,7 +48,7 @@ from procsup._process.stdio import attach, prepare_stderr
 from procsup._token.current import set_current_token
 from procsup._token.token import CancellationToken
 
-__all__ = ["main", "warm"]
+__all__ = ["main", "prepare_zygote", "warm"]
 
 T = TypeVar("T")
 
@@ -109,6 +110,24 @@ def warm(idle: Callable[[], bool]) -> None:
         if not idle():
             return
         step()
+
+
+# Values a task commonly returns: the zygote checks each as ``_outcome`` does (``isawaitable``
+# caches its verdict per type, in ``collections.abc.Awaitable``) and encodes it once.
+_COMMON_VALUES: tuple[object, ...] = (None, 0, 0.0, True, "", b"", (), [], {})
+
+
+def prepare_zygote() -> None:
+    """In the zygote, once: the steps of ``main()`` whose result a fork inherits (``sys.stderr``
+    and faulthandler on fd 2, the root logger's only handler a ``Forwarder``, the abc caches
+    that say a common value is not awaitable), so that its tasks only hand them their fds. Done
+    in each task instead, they wrote ~70 pages it shares with the zygote (each copied first) on
+    this 2-core VM."""
+    prepare_stderr()
+    prepare_forwarder()
+    for value in _COMMON_VALUES:
+        inspect.isawaitable(value)
+        encode_return(value)
 
 
 def _encode_nothing() -> None:

@@ -81,8 +81,9 @@ def encode_record(record: logging.LogRecord) -> bytes:
 class Forwarder(logging.Handler):
     """Child side: sends every record it handles to the supervisor, one message each.
 
-    ``fd`` is the socket; -1 until a spare's task is known (``prepare_forwarder``): records are
-    dropped until then.
+    ``fd`` is the socket; -1 in the zygote and in a spare whose task is not known yet
+    (``prepare_forwarder``): their records go where they would with no handler at all
+    (``logging.lastResort``).
     """
 
     def __init__(self, fd: int) -> None:
@@ -90,6 +91,11 @@ class Forwarder(logging.Handler):
         self.fd = fd
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self.fd < 0:
+            last = logging.lastResort
+            if last is not None and record.levelno >= last.level:
+                last.handle(record)
+            return
         try:
             data = encode_record(record)
         except Exception:  # noqa: BLE001 - a broken record is reported the way logging does

@@ -74,6 +74,7 @@ Things that don't work
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # signal's C half: see _become_child()
 import contextlib
 import multiprocessing.connection
 import os
@@ -91,7 +92,7 @@ from procsup._os import proc as _platform
 from procsup._os.fds import drain, recv_fds, send_fds, wait_readable
 from procsup._os.forking import Hook, Hooks
 from procsup._os.tree import exit_info
-from procsup._process.entry import main, warm
+from procsup._process.entry import main, prepare_zygote, warm
 from procsup._process.guardian import STATUS, Guardian
 from procsup._process.messages import (
     FdRef,
@@ -101,10 +102,10 @@ from procsup._process.messages import (
     Preload,
     Preloaded,
     Spawn,
-    Started,
     StartFailed,
     SyncPath,
     Ward,
+    encode_started,
     load_payload,
 )
 from procsup._process.setup import ChildSetup, Prepared
@@ -143,6 +144,7 @@ def serve(hooks: Sequence[Hook] = (), early: Collection[str] = ("?",)) -> None:
     # A SIGTERM or SIGHUP sent to the supervisor's process group must not end the guardian: it
     # learns of the supervisor's death from its socket, then stops every task as stop() would.
     signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    prepare_zygote()
     server.run()
 
 
@@ -236,10 +238,16 @@ class _Server:
                     self.spare_due = time.monotonic()
         return -1
 
-    def reply(self, reply: PathSynced | Preloaded | Started | StartFailed) -> None:
+    def reply(self, reply: PathSynced | Preloaded | StartFailed | int) -> None:
+        """Answer the supervisor; an int is ``Started(pid)`` (``messages.encode_started``)."""
+        data = (
+            encode_started(reply)
+            if isinstance(reply, int)
+            else pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
+        )
         # EPIPE: the supervisor died awaiting it. The next read is EOF: the guardian's cue.
         with contextlib.suppress(ConnectionError):
-            self.sock.send(pickle.dumps(reply, pickle.HIGHEST_PROTOCOL))
+            self.sock.send(data)
 
     def spawn(self, data: bytes, request: Spawn, status_w: int, task_fds: list[int]) -> None:
         """Start ``request``'s task: the spare, which gets ``data`` (the very datagram), or a
@@ -251,7 +259,7 @@ class _Server:
         if spare is not None:
             # Reply, then wake the spare, before any other work: that is the start's critical
             # path (and the spare, once woken, may take our CPU until its task is done).
-            self.reply(Started(spare.pid))
+            self.reply(spare.pid)
             self.forward(spare, data, task_fds)
         import_modules(request.preload)  # here too: later spares and forked tasks have it ready
         token, grace = None, 5.0
@@ -270,7 +278,7 @@ class _Server:
                 _close_unkept(task_fds)
                 self.reply(StartFailed(str(exc)))
                 return
-            self.reply(Started(pid))
+            self.reply(pid)
         self.guardian.add_child(pid, status_w, token, grace)  # before the next reap
         _close_unkept(task_fds)
 
@@ -359,11 +367,11 @@ class _Server:
 
 
 def _rehearse() -> None:
-    """Unpickle a Spawn and pickle a reply, as a start will, once after a fork: the first write
+    """Unpickle a Spawn and encode a reply, as a start will, once after a fork: the first write
     to each page after a fork copies it, and these touch many (the classes' refcounts, their
     functions, interned names). Done here, that cost is off the next start's critical path."""
     pickle.loads(_REHEARSAL)
-    pickle.dumps(Started(0), pickle.HIGHEST_PROTOCOL)
+    encode_started(0)
 
 
 class _Conn:
@@ -405,7 +413,9 @@ def _become_child(zygote: int, close: list[int]) -> None:
     for fd in close:
         os.close(fd)
     signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # signal.signal() would return the zygote's handler as an enum, and a callable fails to
+    # convert, through a ValueError raised and caught: ~45 pages written (shared, so copied).
+    _signal.signal(signal.SIGCHLD, signal.SIG_DFL.value)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)  # the mask survives execve too
 
 

@@ -7,8 +7,8 @@
     ForkProcess.start(), every      a subreaper; every signal blocked
     signal blocked across fork:
       os.fork() ──────────────────▶ fork_copy() ──────────────────────▶ signals as they were,
-                                    close every fd but the status pipe    PR_SET_PDEATHSIG (dies
-      pid ◀──── status pipe ─────── the task's pid                        with the shim), then
+      pid ◀──── status pipe ─────── the task's pid                        PR_SET_PDEATHSIG (dies
+                                    close every fd but the status pipe    with the shim), then
                                                                           the target, _exit
       sentinel = the status pipe    wait4 ◀──────────── SIGCHLD ───────── ✝
       (readable once reported) ◀─── raw status + rusage (as the zygote's)
@@ -114,6 +114,8 @@ def serve(
                 code = run(target, args)
         finally:
             os._exit(code)
+    # The supervisor waits for the pid to go on: it comes first, before the tidying.
+    os.write(status_w, PID.pack(pid))
     # What the supervisor had open is the task's now (it has its own copies); a pipe read to EOF
     # (the supervisor's stdout, say) must not wait for the shim.
     null = os.open(os.devnull, os.O_RDWR)
@@ -121,7 +123,6 @@ def serve(
         if fd != null:
             os.dup2(null, fd)
     close_fds_except([status_w])
-    os.write(status_w, PID.pack(pid))
     guardian = Guardian()
     guardian.add_child(pid, status_w, None, grace)
     while True:
