@@ -6,7 +6,9 @@ so the whole system shuts down cleanly and the caller learns exactly what happen
 
 from __future__ import annotations
 
+from procsup._executor.executor import Executor
 from procsup._outcome.errors import (
+    BrokenExecutorError,
     CriticalTaskError,
     NotDetachedError,
     RemoteTraceback,
@@ -21,11 +23,13 @@ from procsup._token.current import current_token
 from procsup._token.token import CancellationToken, DropGuard
 
 __all__ = [
+    "BrokenExecutorError",
     "CancellationToken",
     "CriticalTaskError",
     "CriticalTaskExecutionHandle",
     "DropGuard",
     "EventStream",
+    "Executor",
     "NotDetachedError",
     "RemoteTraceback",
     "Supervisor",

@@ -3,9 +3,16 @@ zygote imports a task's module, so a task module importing pebble would load asy
 
 from __future__ import annotations
 
-from pebble import concurrent
+from typing import Any
+
+from pebble import ProcessPool, concurrent
 
 
 @concurrent.process
 def trivial_pebble() -> int:
     return 1
+
+
+def pool(workers: int) -> Any:  # pebble's close() and join() are untyped
+    """A pebble process pool (reused across measurements, as the executor bench needs)."""
+    return ProcessPool(max_workers=workers)

@@ -35,3 +35,26 @@ def idle_plain(conn: Connection) -> None:
 def die(token: CancellationToken) -> None:
     """Crash without reporting (SIGKILL), as the OOM killer would."""
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def ident(x: int) -> int:
+    """A trivial executor item."""
+    return x
+
+
+def stamp_then_die(path: str) -> None:
+    """An executor item: write the clock (CLOCK_MONOTONIC, shared by all processes) to ``path``,
+    then SIGKILL our worker."""
+    with open(path, "wb") as f:
+        f.write(STAMP.pack(time.perf_counter()))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def started_at() -> float:
+    """An executor item: when it started, on the clock ``stamp_then_die`` writes."""
+    return time.perf_counter()
+
+
+def die_item() -> None:
+    """An executor item that crashes its worker (SIGKILL)."""
+    os.kill(os.getpid(), signal.SIGKILL)

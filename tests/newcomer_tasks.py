@@ -113,6 +113,14 @@ def make_closure(k):
         return k * 3
     return triple
 
+SETTINGS = {}
+
+def setup_worker(point):
+    SETTINGS["point"] = point  # a global of __main__, set in each executor worker
+
+def item(x):
+    return SETTINGS["point"].x * x
+
 def main(defined_late):
     deadline = newcomer_tasks.DEADLINE
     fast = {"parent before": "cloudpickle" in sys.modules}
@@ -139,7 +147,13 @@ def main(defined_late):
     except procsup.TaskFailedError as exc:
         results["exception"] = f"{type(exc.__cause__).__name__}: {exc.__cause__}"
         same_class["exception"] = type(exc.__cause__) is Oops
+    method = os.environ["NEWCOMER_START_METHOD"]
+    ex = procsup.Executor(2, start_method=method, initializer=setup_worker, initargs=(Point(2, 3),))
+    items = [ex.submit(item, 21), ex.submit(lambda: item(7) * 3)]
+    items.append(ex.submit(Point(6, 0).scaled, None, 7))
+    results["executor"] = repr([future.result(deadline) for future in items])
     pids = sorted(p.pid for p in psutil.Process().children(recursive=True))
+    ex.shutdown()
     sup.shutdown()
     out = {"fast": fast, "results": results, "same_class": same_class, "pids": pids}
     print("NEWCOMER-RESULT " + json.dumps(out), flush=True)
@@ -162,6 +176,7 @@ NEWCOMER_EXPECTED = {
         "bound method": "Point(x=14, y=21)",
         "defined late": "'defined under the main guard'",
         "exception": "Oops: boom",
+        "executor": "[42, 42, Point(x=42, y=0)]",
     },
     "same_class": {
         "function": None,

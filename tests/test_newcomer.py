@@ -379,6 +379,7 @@ def test_main_flavours(start_method: str, flavour: str, tmp_path: Path) -> None:
     notebook) runs them all under every start method: functions, a lambda, a closure, a
     partial, a bound method, a function defined under the main guard; results and exceptions
     of its own classes come back as those classes, and a module-level task takes the fast path
-    (no cloudpickle on either side)."""
+    (no cloudpickle on either side); and an Executor whose initializer sets a global of
+    ``__main__`` from ``initargs`` of a ``__main__`` class runs items that read it."""
     argv, stdin = FLAVOURS[flavour](tmp_path)
     assert _run(argv, start_method, tmp_path, stdin) == NEWCOMER_EXPECTED

@@ -139,3 +139,28 @@ def hold_the_lock(conn: Any) -> None:
     conn.send("held")
     conn.poll(DEADLINE)
     arena.unlock()
+
+
+def await_in_child(token: CancellationToken, ready: CancellationToken, out: Any) -> None:
+    """Abort one ``await cancelled()``, then await ``token``; send its cause and how many waiter
+    threads are left once each had a bounded join."""
+    import asyncio
+    import threading
+
+    async def main() -> None:
+        unawaited = CancellationToken()
+        waiter = asyncio.ensure_future(unawaited.cancelled())
+        await asyncio.sleep(0)  # its watch is made
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        waiter = asyncio.ensure_future(token.cancelled())
+        await asyncio.sleep(0)
+        ready.cancel()
+        await asyncio.wait_for(waiter, DEADLINE)
+
+    asyncio.run(main())
+    for thread in threading.enumerate():
+        if thread.name == "procsup-token-waiter":
+            thread.join(DEADLINE)
+    left = [t for t in threading.enumerate() if t.name == "procsup-token-waiter"]
+    out.send((token.cause, len(left)))

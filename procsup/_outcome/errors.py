@@ -16,9 +16,11 @@ Things that don't work
 
 from __future__ import annotations
 
+import concurrent.futures
 from typing import Any
 
 __all__ = [
+    "BrokenExecutorError",
     "CriticalTaskError",
     "NotDetachedError",
     "RemoteTraceback",
@@ -166,6 +168,19 @@ class NotDetachedError(CriticalTaskError):
     The seed's ``Drop`` panics here. Python cannot raise from a finalizer, so a dropped handle
     reports this through ``sys.unraisablehook`` (the task keeps running, supervised); leaving a
     ``with`` block raises it.
+    """
+
+    __module__ = "procsup"
+
+
+class BrokenExecutorError(CriticalTaskError, concurrent.futures.BrokenExecutor):
+    """A ``procsup.Executor`` can run no more items: a worker's ``initializer`` raised, a worker
+    died before it was ready, or no worker could be started.
+
+    A ``concurrent.futures.BrokenExecutor`` (so code written for ``BrokenProcessPool`` catches
+    it) and a ``CriticalTaskError``. The message carries the cause; for a failed initializer, its
+    traceback as formatted in the worker. Items still waiting fail with it, and so does every
+    later ``submit()``; items already running finish.
     """
 
     __module__ = "procsup"

@@ -59,6 +59,7 @@ __all__ = [
     "encode_error",
     "encode_return",
     "rebuild",
+    "returned",
 ]
 
 _HEADER = struct.Struct("!Q")
@@ -207,6 +208,11 @@ def _undecodable(what: str, exc: Exception) -> ErrorReport:
         text="".join(traceback.format_exception(exc)),
         exception=None,
     )
+
+
+def returned(body: bytes | bytearray | memoryview) -> bool:
+    """Whether a complete frame body reports a return (not an error), without decoding it."""
+    return bytes(body[:1]) == _RETURN
 
 
 def decode(body: bytes | bytearray | memoryview) -> Returned | ErrorReport:

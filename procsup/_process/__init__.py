@@ -4,7 +4,9 @@ Owns: the typed messages between supervisor, zygote and child (``messages``); th
 (``zygote``) and server with its spare (``server``); the fork start method's shim (``shim``); the
 spawn start method's fresh interpreter (``spawned``); the child's entry point (``entry``) and its
 setup (``setup``: limits, log forwarding, captured output); the task's stderr tap (``stdio``)
-and log records (``logs``); the guardian that kills a dead supervisor's tasks (``guardian``).
+and log records (``logs``); the guardian that kills a dead supervisor's tasks (``guardian``); an
+executor's worker loop (``worker``) and the wire its items travel on (``items``: calls pickled by
+reference, or by value with cloudpickle).
 
 May import: ``procsup._os``, ``procsup._token``, ``procsup._outcome``.
 """

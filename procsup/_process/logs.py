@@ -40,7 +40,14 @@ from typing import Any
 
 from procsup._os.fds import pump
 
-__all__ = ["Forwarder", "LogChannel", "OutputChannel", "encode_record"]
+__all__ = [
+    "Forwarder",
+    "LogChannel",
+    "OutputChannel",
+    "encode_record",
+    "install_forwarder",
+    "prepare_forwarder",
+]
 
 _MAX_RECORD = 60 * 1024  # below the default socket buffer, so one message always fits
 _MAX_LINE = 64 * 1024  # a longer "line" is written out in pieces
@@ -72,13 +79,23 @@ def encode_record(record: logging.LogRecord) -> bytes:
 
 
 class Forwarder(logging.Handler):
-    """Child side: sends every record it handles to the supervisor, one message each."""
+    """Child side: sends every record it handles to the supervisor, one message each.
+
+    ``fd`` is the socket; -1 in the zygote and in a spare whose task is not known yet
+    (``prepare_forwarder``): their records go where they would with no handler at all
+    (``logging.lastResort``).
+    """
 
     def __init__(self, fd: int) -> None:
         super().__init__()
-        self._fd = fd
+        self.fd = fd
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self.fd < 0:
+            last = logging.lastResort
+            if last is not None and record.levelno >= last.level:
+                last.handle(record)
+            return
         try:
             data = encode_record(record)
         except Exception:  # noqa: BLE001 - a broken record is reported the way logging does
@@ -86,20 +103,34 @@ class Forwarder(logging.Handler):
             return
         # EPIPE/ECONNREFUSED: the supervisor is gone and nobody is left to tell.
         with contextlib.suppress(OSError):
-            os.write(self._fd, data)
+            os.write(self.fd, data)
 
 
 def install_forwarder(fd: int, root_level: int, levels: dict[str, int]) -> None:
     """Route every record of this (task) process to the supervisor, at the supervisor's levels."""
     root = logging.getLogger()
-    # Handlers inherited through fork would write from the task directly, beside the forwarded
-    # copy; every start method now behaves as spawn does.
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    root.addHandler(Forwarder(fd))
-    root.setLevel(root_level)
+    handlers = root.handlers
+    if len(handlers) == 1 and type(handlers[0]) is Forwarder:  # prepare_forwarder() made it
+        handlers[0].fd = fd
+    else:
+        # Handlers inherited through fork would write from the task directly, beside the
+        # forwarded copy; every start method now behaves as spawn does.
+        for handler in list(handlers):
+            root.removeHandler(handler)
+        root.addHandler(Forwarder(fd))
+    # setLevel clears every logger's cache: only where the level changes.
+    if root.level != root_level:
+        root.setLevel(root_level)
     for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
+        logger = logging.getLogger(name)
+        if logger.level != level:
+            logger.setLevel(level)
+
+
+def prepare_forwarder() -> None:
+    """In a spare, before its task is known: the root logger's only handler is a ``Forwarder``
+    without a socket yet, which ``install_forwarder`` then only has to be given."""
+    install_forwarder(-1, logging.getLogger().level, {})
 
 
 def logger_levels() -> tuple[int, dict[str, int]]:

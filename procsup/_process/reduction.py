@@ -71,7 +71,9 @@ __all__ = [
     "UnpicklableError",
     "by_value",
     "culprit",
+    "dumps_by_value",
     "home_module",
+    "loads_sharing_main",
     "value_pickler",
 ]
 
@@ -183,8 +185,7 @@ def _value_pickler_class() -> type[pickle.Pickler]:
     return ValuePickler
 
 
-def value_pickler() -> type[pickle.Pickler]:
-    """The pickler for calls that go by value (imports cloudpickle on first use)."""
+def _register_mp_main() -> None:
     main = sys.modules.get("__mp_main__")
     if main is not None and main.__name__ == "__mp_main__":
         # We are a spawn child: the user's script is ``__mp_main__`` here, which cloudpickle
@@ -193,7 +194,24 @@ def value_pickler() -> type[pickle.Pickler]:
 
         if main.__name__ not in cloudpickle.list_registry_pickle_by_value():
             cloudpickle.register_pickle_by_value(main)
+
+
+def value_pickler() -> type[pickle.Pickler]:
+    """The pickler for calls that go by value into a process being started (imports
+    cloudpickle on first use); fds cross as ``DupFd``."""
+    _register_mp_main()
     return _value_pickler_class()
+
+
+def dumps_by_value(obj: Any) -> bytes:
+    """``obj`` pickled by value as ``value_pickler()`` pickles it, for a pipe to a process that
+    is already running (an executor's worker, a Ray node's task): no fd can cross there, so
+    multiprocessing's reducers are left out, and a token refuses to be pickled."""
+    _register_mp_main()
+    import cloudpickle
+
+    data: bytes = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return data
 
 
 class _Collector:
@@ -269,3 +287,56 @@ def _short_repr(obj: Any, limit: int = 120) -> str:
     except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the real error
         text = f"<{type(obj).__qualname__} object>"
     return text if len(text) <= limit else f"{text[: limit - 4]} ...{text[-1]}"
+
+
+# This process's one namespace for each ``__main__`` that functions came from by value (an
+# executor worker's): ``loads_sharing_main``.
+_MAIN_GLOBALS: dict[str, dict[str, Any]] = {}
+
+
+def _make_function(code: Any, base: dict[str, Any], *rest: Any) -> Any:
+    import cloudpickle.cloudpickle as cp
+
+    name = base.get("__name__")
+    if name in MAIN_MODULES:
+        shared = _MAIN_GLOBALS.setdefault(name, {})
+        for key, value in base.items():
+            shared.setdefault(key, value)
+        base = shared
+    return cp._make_function(code, base, *rest)
+
+
+def _function_setstate(obj: Any, state: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    import cloudpickle.cloudpickle as cp
+
+    if any(obj.__globals__ is shared for shared in _MAIN_GLOBALS.values()):
+        # What this process's __main__ already holds wins over the sender's copy of it: a global
+        # the initializer set stays set, as in a module that lives on in a pool's worker.
+        inner, slots = state
+        sent = slots["__globals__"]
+        keep = {key: value for key, value in sent.items() if key not in obj.__globals__}
+        state = (inner, {**slots, "__globals__": keep})
+    cp._function_setstate(obj, state)
+
+
+class _SharingUnpickler(pickle.Unpickler):
+    _HOOKS: ClassVar[dict[tuple[str, str], Any]] = {
+        ("cloudpickle.cloudpickle", "_make_function"): _make_function,
+        ("cloudpickle.cloudpickle", "_function_setstate"): _function_setstate,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        hook = self._HOOKS.get((module, name))
+        return hook if hook is not None else super().find_class(module, name)
+
+
+def loads_sharing_main(data: bytes) -> Any:
+    """Unpickle what a long-lived process (an executor's worker) receives again and again: a
+    function that came by value from ``__main__`` (``dumps_by_value``) gets this process's one
+    copy of ``__main__``'s globals, not a fresh one per pickle as cloudpickle alone would give,
+    so what an initializer sets there, items see. Globals this process already has keep their
+    values; the sender's copies fill in only what is missing. Plain ``pickle.loads`` otherwise.
+    """
+    if b"_make_function" not in data:
+        return pickle.loads(data)
+    return _SharingUnpickler(io.BytesIO(data)).load()

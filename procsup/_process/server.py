@@ -1,17 +1,23 @@
 """The zygote process itself: a preloaded, single-threaded server that starts tasks on request.
 
 Its supervisor-side counterpart and the protocol are in ``procsup._process.zygote``; what it does
-for tasks whose supervisor died is in ``procsup._process.guardian``. Started as
-``python -c "import procsup._process.server as z; z.serve()" FD``.
+for tasks whose supervisor died is in ``procsup._process.guardian``. Started as ``python -c
+"<RECORDER> import procsup._process.server as z; z.serve(hooks, early)" FD``: the recorder
+(``procsup._os.forking``) lets it fork without CPython's fork handling, which a child of a
+one-thread process does not need.
 
 ::
 
     zygote                                          spare (forked ahead, idle in recvmsg)
     ──────                                          ─────────────────────────────────────
-    after a start, once a task exits (or 5 ms on):
-      sched_yield, fork a spare ──────────────────▶ PR_SET_PDEATHSIG (getppid() checked),
-                                                    close the zygote's fds, reset SIGCHLD
-                                                    and the wake-up fd
+    after a start, once a task exits (or 5 ms on),
+    unless a request waits:
+      sched_yield, fork a spare (Hooks.fork) ─────▶ PR_SET_PDEATHSIG (getppid() checked),
+      idle: rehearse a request and a task's         close the zygote's fds, reset SIGCHLD
+      death (the zygote's copies of those pages,    and the wake-up fd; idle: rehearse a
+      made now)                                     request, its payload and entry.warm(),
+                                                    what every task does first (each step
+                                                    skipped once a request is there)
     Spawn + fds, and the spare has not exited:
       reply Started(spare pid) to the supervisor
       forward the datagram + the task's fds ──────▶ unpickle the same Spawn; import the task's
@@ -51,11 +57,26 @@ Things that don't work
 - Relying on a spare's arena mappings: it was forked before the request, so a token's arena the
   zygote adopted since then is not mapped in it; it adopts that fd itself, and closes the fd only
   for an arena it already maps (``_arrive_and_run``).
+- A pool of spares, forked back to back so that the zygote copies the pages it writes once per
+  batch instead of once per fork: with 8 tasks in flight it cost more CPU per task (zygote 1450
+  against 1300 us, tasks 2325 against 2100, medians of 8 batches of 200), since every start then
+  pays a spare's extra hop (its socketpair, the forward, its idle rehearsal), where under load a
+  start that finds no spare is forked on demand, the cheapest way. One spare is for latency.
+- Forking the spare, or rehearsing after its fork, while a request waits: the request waits a
+  millisecond for the fork, and ~0.5 ms more for the rehearsals (whose page copies it makes
+  itself if it comes first). When starts come back to back, the caller waits for every reply.
+- Forking the spare a millisecond after a task's exit, so that the supervision thread its report
+  wakes, and whoever that thread wakes, have the CPUs first: with crashes back to back the fork
+  then met the next crash's report (crash detection 0.70-0.79 against 0.63-0.68 ms, three runs
+  of 60 each). Nor rehearsing a millisecond later: no difference (0.731 against 0.730 ms,
+  medians of 300).
 """
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # signal's C half: see _become_child()
 import contextlib
+import multiprocessing.connection
 import os
 import pickle
 import selectors
@@ -63,12 +84,16 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Collection, Sequence
+from multiprocessing.connection import Connection
+from typing import Any, NoReturn, cast
 
 from procsup._os import proc as _platform
-from procsup._os.fds import drain, recv_fds, send_fds
-from procsup._process.guardian import Guardian
+from procsup._os.fds import drain, recv_fds, send_fds, wait_readable
+from procsup._os.forking import Hook, Hooks
+from procsup._os.tree import exit_info
+from procsup._process.entry import main, prepare_zygote, warm
+from procsup._process.guardian import STATUS, Guardian
 from procsup._process.messages import (
     FdRef,
     Guard,
@@ -77,12 +102,13 @@ from procsup._process.messages import (
     Preload,
     Preloaded,
     Spawn,
-    Started,
     StartFailed,
     SyncPath,
     Ward,
+    encode_started,
     load_payload,
 )
+from procsup._process.setup import ChildSetup, Prepared
 from procsup._process.spawned import exec_fresh
 from procsup._process.zygote import import_modules, run_target
 from procsup._token.arena import Arena
@@ -96,23 +122,29 @@ _SPARE_DELAY = 0.005
 
 
 _HELD = {signal.SIGTERM, signal.SIGHUP}  # blocked in the zygote, unblocked in its children
+_REHEARSAL_STATUS = (0, 0, 0.0)  # a status as the guardian writes one, for ``rehearse_reap``
 # A Spawn as a supervisor sends one, for ``_rehearse``.
 _REHEARSAL = pickle.dumps(
     Spawn(("",), b"", Ward(0.0, b"", FdRef(0), 0, 0), False, FdRef(0)), pickle.HIGHEST_PROTOCOL
 )
 
 
-def serve() -> None:
+def serve(hooks: Sequence[Hook] = (), early: Collection[str] = ("?",)) -> None:
     """Zygote main loop: start a task per request, report each task's exit on its status pipe,
-    and guard every task (``procsup._process.guardian``) until the supervisor's socket closes."""
+    and guard every task (``procsup._process.guardian``) until the supervisor's socket closes.
+
+    ``hooks``, ``early``: what ``procsup._os.forking.RECORDER`` kept, for ``Hooks``; without
+    them every fork is ``os.fork()``.
+    """
     _platform.set_child_subreaper()  # a dead task's descendants come to us, not to init
-    server = _Server(socket.socket(fileno=int(sys.argv[1])))
+    server = _Server(socket.socket(fileno=int(sys.argv[1])), Hooks(hooks, early))
     signal.set_wakeup_fd(server.wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the supervisor to handle
     # A SIGTERM or SIGHUP sent to the supervisor's process group must not end the guardian: it
     # learns of the supervisor's death from its socket, then stops every task as stop() would.
     signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    prepare_zygote()
     server.run()
 
 
@@ -130,8 +162,9 @@ class _Server:
     """The zygote's state. Invariant: ``spare`` is None or a live-or-unreaped spare whose pid is
     in ``guardian.spares``; the zygote holds no other fd to it than ``spare.sock``."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, hooks: Hooks) -> None:
         self.sock = sock
+        self.hooks = hooks  # forks without CPython's fork handling where none is needed
         self.guardian = Guardian()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector = selectors.DefaultSelector()
@@ -196,13 +229,25 @@ class _Server:
                 self.reply(PathSynced())
             case Preload(names=names):
                 # Supervisor's first start: its preload list, imported here now, failures named.
+                known = len(sys.modules)
                 self.reply(Preloaded(tuple(import_modules(names))))
+                if len(sys.modules) != known and self.spare is not None:
+                    # The spare was forked without them: its task would import them itself (and
+                    # miss the at-fork hooks they register). A fresh one is forked instead.
+                    self.drop_spare(kill=False)
+                    self.spare_due = time.monotonic()
         return -1
 
-    def reply(self, reply: PathSynced | Preloaded | Started | StartFailed) -> None:
+    def reply(self, reply: PathSynced | Preloaded | StartFailed | int) -> None:
+        """Answer the supervisor; an int is ``Started(pid)`` (``messages.encode_started``)."""
+        data = (
+            encode_started(reply)
+            if isinstance(reply, int)
+            else pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
+        )
         # EPIPE: the supervisor died awaiting it. The next read is EOF: the guardian's cue.
         with contextlib.suppress(ConnectionError):
-            self.sock.send(pickle.dumps(reply, pickle.HIGHEST_PROTOCOL))
+            self.sock.send(data)
 
     def spawn(self, data: bytes, request: Spawn, status_w: int, task_fds: list[int]) -> None:
         """Start ``request``'s task: the spare, which gets ``data`` (the very datagram), or a
@@ -214,7 +259,7 @@ class _Server:
         if spare is not None:
             # Reply, then wake the spare, before any other work: that is the start's critical
             # path (and the spare, once woken, may take our CPU until its task is done).
-            self.reply(Started(spare.pid))
+            self.reply(spare.pid)
             self.forward(spare, data, task_fds)
         import_modules(request.preload)  # here too: later spares and forked tasks have it ready
         token, grace = None, 5.0
@@ -233,7 +278,7 @@ class _Server:
                 _close_unkept(task_fds)
                 self.reply(StartFailed(str(exc)))
                 return
-            self.reply(Started(pid))
+            self.reply(pid)
         self.guardian.add_child(pid, status_w, token, grace)  # before the next reap
         _close_unkept(task_fds)
 
@@ -270,10 +315,12 @@ class _Server:
 
     def fork_spare(self) -> None:
         """Fork the next spare; on failure (EAGAIN, EMFILE) tasks are forked on demand."""
-        self.spare_due = None
         # A process we just woke (the supervision thread, after a status write) may be queued on
         # our CPU: let it run before a fork keeps the CPU for a millisecond.
         os.sched_yield()
+        if wait_readable([self.sock.fileno()], 0):
+            return  # a request waits: it comes first (it forks its own task if need be)
+        self.spare_due = None
         try:
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError:
@@ -281,7 +328,7 @@ class _Server:
         close = [*self.own(), *self.guardian.fds(), mine.fileno()]
         zygote = os.getpid()
         try:
-            pid = os.fork()
+            pid = self.hooks.fork()
         except OSError:
             mine.close()
             theirs.close()
@@ -291,12 +338,24 @@ class _Server:
         theirs.close()
         self.guardian.spares.add(pid)
         self.spare = _Spare(pid, mine)
-        _rehearse()
+        if not wait_readable([self.sock.fileno()], 0):  # else the request first: see the header
+            _rehearse()
+            self.rehearse_reap()
+
+    def rehearse_reap(self) -> None:
+        """Go once, idle, where a task's death takes the zygote, up to the status write: the
+        copies of the pages it writes are then made now, off the path from a crash to its
+        report (a task's death cost the zygote ~90 page faults after a spare's fork)."""
+        self.selector.select(0)
+        drain(self.wake_r)
+        self.guardian.reap()
+        STATUS.pack(*_REHEARSAL_STATUS)
+        exit_info(0, None)
 
     def fork_task(self, request: Spawn, status_w: int, task_fds: list[int]) -> int:
         close = [*self.own(), status_w, *self.guardian.fds()]
         zygote = os.getpid()
-        pid = os.fork()
+        pid = self.hooks.fork()
         if pid == 0:  # pragma: no cover - runs in the task process
             code = 1
             try:
@@ -308,11 +367,41 @@ class _Server:
 
 
 def _rehearse() -> None:
-    """Unpickle a Spawn and pickle a reply, as a start will, once after a fork: the first write
+    """Unpickle a Spawn and encode a reply, as a start will, once after a fork: the first write
     to each page after a fork copies it, and these touch many (the classes' refcounts, their
     functions, interned names). Done here, that cost is off the next start's critical path."""
     pickle.loads(_REHEARSAL)
-    pickle.dumps(Started(0), pickle.HIGHEST_PROTOCOL)
+    encode_started(0)
+
+
+class _Conn:
+    """Pickles as a ``Connection`` on the ``index``-th task fd does in a start's payload."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        rebuild = multiprocessing.connection.rebuild_connection  # type: ignore[attr-defined]
+        return (rebuild, (FdRef(self.index), False, True))
+
+
+# A payload as ``procsup._supervision.launch`` makes one, but for the task's function and token.
+_LOG = cast(Connection, _Conn(0))
+_PAYLOAD = pickle.dumps(
+    (main, (Prepared(os.getpid, ChildSetup(_LOG, 0, {}, None, None, None)), (), {}, _Conn(1))),
+    pickle.HIGHEST_PROTOCOL,
+)
+
+
+def _rehearse_payload() -> None:
+    """In a spare, idle: unpickle a payload as its task will (~70 page faults copied here, off
+    the start's path, this 2-core VM), on two fds of its own, closed after. If this raises, the
+    spare exits, and the next start forks its task on demand."""
+    fds = [os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC) for _ in range(2)]
+    _, (prepared, _, _, writer) = load_payload(_PAYLOAD, fds)
+    # The unpickler's memo is in a reference cycle: these would wait for the collector.
+    prepared.setup.log.close()
+    writer.close()
 
 
 def _become_child(zygote: int, close: list[int]) -> None:
@@ -324,7 +413,9 @@ def _become_child(zygote: int, close: list[int]) -> None:
     for fd in close:
         os.close(fd)
     signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # signal.signal() would return the zygote's handler as an enum, and a callable fails to
+    # convert, through a ValueError raised and caught: ~45 pages written (shared, so copied).
+    _signal.signal(signal.SIGCHLD, signal.SIG_DFL.value)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)  # the mask survives execve too
 
 
@@ -333,7 +424,14 @@ def _spare_main(sock: socket.socket, zygote: int, close: list[int]) -> NoReturn:
     code = 1
     try:
         _become_child(zygote, close)
-        _rehearse()  # the spare's own copies of those pages, before it is a task's critical path
+
+        def idle() -> bool:  # no request yet: the rehearsals are off the start's path
+            return not wait_readable([sock.fileno()], 0)
+
+        for rehearsal in (_rehearse, _rehearse_payload):
+            if idle():  # the spare's own copies of those pages, before a start needs them
+                rehearsal()
+        warm(idle)  # and what every task does first (procsup._process.entry)
         data, fds = recv_fds(sock)
         sock.close()
         # No data: dropped (the supervisor is gone, or the spare could not be used).

@@ -48,7 +48,7 @@ from procsup._process.logs import (
     logger_levels,
 )
 
-__all__ = ["ChildSetup", "Prepared", "open_channels"]
+__all__ = ["ChildSetup", "Prepared", "open_channels", "over_limit"]
 
 T = TypeVar("T")
 
@@ -122,13 +122,18 @@ class Prepared:
             raise self._over_limit(exc) from exc
 
     def _over_limit(self, exc: MemoryError) -> MemoryError:
-        limit = self.setup.memory_limit
-        if limit is None:
-            return exc
-        detail = f": {exc}" if str(exc) else ""
-        return MemoryError(
-            f"memory limit exceeded (memory_limit={human_size(limit)}, RLIMIT_DATA){detail}"
-        )
+        return over_limit(exc, self.setup.memory_limit)
+
+
+def over_limit(exc: MemoryError, limit: int | None) -> MemoryError:
+    """The MemoryError to report for ``exc`` under ``memory_limit=limit``: one that says the limit
+    was hit (``exc`` itself when there is no limit)."""
+    if limit is None:
+        return exc
+    detail = f": {exc}" if str(exc) else ""
+    return MemoryError(
+        f"memory limit exceeded (memory_limit={human_size(limit)}, RLIMIT_DATA){detail}"
+    )
 
 
 def open_channels(

@@ -40,7 +40,7 @@ from multiprocessing.connection import Connection
 
 from procsup._os.fds import pump, write_all
 
-__all__ = ["StderrTap", "attach"]
+__all__ = ["StderrTap", "attach", "prepare_stderr"]
 
 TAIL_BYTES = 8 * 1024
 TAIL_LINES = 50
@@ -135,6 +135,13 @@ def attach(conn: Connection) -> None:
             sys.stderr.flush()
     os.dup2(conn.fileno(), 2)
     conn.close()
+    prepare_stderr()
+
+
+def prepare_stderr() -> None:
+    """``sys.stderr`` line-buffered on fd 2, and faulthandler writing to fd 2, whatever fd 2 is
+    now or becomes: a spare does this before its task's pipe is made its fd 2 (``attach``).
+    Idempotent."""
     try:
         on_fd_2 = sys.stderr is not None and sys.stderr.fileno() == 2
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError

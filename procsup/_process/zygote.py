@@ -75,6 +75,7 @@ import psutil
 
 from procsup._os import tree as _contain
 from procsup._os.fds import MAX_FDS, read_exactly, send_fds, wait_readable, write_all
+from procsup._os.forking import RECORDER, thread_repair
 from procsup._os.tree import ExitInfo
 from procsup._process import shim as _shim
 from procsup._process.guardian import STATUS, decode_status
@@ -91,6 +92,7 @@ from procsup._process.messages import (
     StartFailed,
     SyncPath,
     Ward,
+    decode_reply,
 )
 from procsup._process.reduction import UnpicklableError, value_pickler
 from procsup._token.token import CancellationToken, borrow_args
@@ -414,7 +416,7 @@ class _Zygote:
             [
                 sys.executable,
                 "-c",
-                "import procsup._process.server as z; z.serve()",
+                RECORDER + "import procsup._process.server as z; z.serve(hooks, early)",
                 str(theirs.fileno()),
             ],
             pass_fds=(theirs.fileno(),),
@@ -499,8 +501,7 @@ class _Zygote:
             reply = self._sock.recv(1 << 16)  # no reply carries fds
         if not reply:
             raise RuntimeError("procsup zygote exited unexpectedly")
-        result: Reply = pickle.loads(reply)
-        return result
+        return decode_reply(reply)
 
     def close(self) -> None:
         self._sock.close()  # the zygote exits on EOF
@@ -594,14 +595,18 @@ def zygote_pids() -> list[int]:
 def _after_fork_in_child() -> None:
     # A forked child must not talk over its parent's zygote socket; it starts its own if needed.
     # Nor keep it open: the zygote must see EOF when the parent dies, whoever outlives it.
-    # Nor inherit a held lock: a fork task is forked under _STARTING, and may start tasks itself.
-    global _STARTING
-    _STARTING = threading.Lock()
-    _Zygote._instance_lock = threading.Lock()
     zygote = _Zygote._instance
     if zygote is not None:
         with contextlib.suppress(OSError):
             zygote._sock.close()
 
 
+def _new_locks() -> None:
+    # Nor inherit a held lock: a fork task's shim is forked under _STARTING, and may start tasks.
+    global _STARTING
+    _STARTING = threading.Lock()
+    _Zygote._instance_lock = threading.Lock()
+
+
 os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(after_in_child=thread_repair(_new_locks))

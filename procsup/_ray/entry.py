@@ -15,6 +15,7 @@ from typing import Any
 
 import cloudpickle
 
+from procsup._process.reduction import dumps_by_value
 from procsup._token.token import CancellationToken
 
 __all__ = ["call_pickled", "pickled", "warm_up"]
@@ -22,8 +23,7 @@ __all__ = ["call_pickled", "pickled", "warm_up"]
 
 def pickled(task_fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """The blob ``call_pickled`` opens: the task and its arguments, by value where needed."""
-    blob: bytes = cloudpickle.dumps((task_fn, args, kwargs))
-    return blob
+    return dumps_by_value((task_fn, args, kwargs))
 
 
 def call_pickled(token: CancellationToken, blob: bytes) -> Any:

@@ -4,17 +4,20 @@
 
     LocalBackend.start() ─ launch()          Monitor thread
     ───────────────────                      ──────────────
-    TaskRecord(proc, conn, exit_fd) ─▶ add() ─▶ pending + wake-up byte
-                                             selector.select() blocks on
+    TaskRecord(proc, conn, exit_fd) ─▶ add(): its fds registered with the thread's epoll from the
+                                       caller's thread (no wake-up, no hand-off)
+                                             epoll.poll() blocks on
                                                wake-up pipe │ exit fd per task │ result fd per task
-                                               (exit fd: a pidfd, or the zygote's status
-                                                pipe; never anything the task holds)
+                                               │ log socket, stderr (and stdout) pipe per task
+                                               (exit fd: the zygote's status pipe, or the fork
+                                                shim's; never anything the task holds)
                                              result fd readable ─▶ os.read what is there,
                                                  FrameReader.feed(); a whole error frame cancels
                                                  the parent at once
-                                             exit fd readable ─▶ drain the pipe (until EAGAIN),
-                                                 reap, classify, cancel the parent (unless a stop
-                                                 was requested), log, THEN publish on the Future
+                                             exit fd readable ─▶ drain the result pipe and stderr
+                                                 (until EAGAIN), reap, classify, cancel the parent
+                                                 (unless a stop was requested), THEN drain the
+                                                 logs, close, log, publish on the Future
     handle.join() ◀─ Future.result(timeout) ─────┘
                                              a fork task's shim still holding the task's orphans
                                                (``procsup._process.shim``): its pidfd is watched,
@@ -34,6 +37,21 @@ Things that don't work
 - ``selectors`` with new tasks queued for the thread behind a wake-up byte: every start then pays a
   GIL hand-off to the thread (~1 ms on a loaded 2-core machine). Tasks are registered with the raw
   epoll from the caller's thread instead; the kernel allows it while the thread waits.
+- Closing a task's fds without unregistering them first: epoll watches the open file, not the
+  fd, and a fork task (or any fork of this process) may hold a copy of it; the thread would be
+  woken for a task it has forgotten. Each is unregistered, one ``epoll_ctl`` each (Python has no
+  batch form; 4 a task, 5 with captured output, ~0.6 us apiece here: not worth one of ours).
+- One pipe for the result and the status: a task that dies halfway through its frame leaves a
+  partial frame, which the zygote's status written after it would complete with garbage; and a
+  status pipe the task held a copy of would not close when the zygote dies. Nor the result on the
+  log socket (message boundaries, so it would parse): a 64 MiB result would cross in messages of
+  at most the socket's buffer (~200 KiB), three at a time, against one 1 MiB pipe read a wake-up.
+- Letting ``join()`` read and reap the outcome itself, to spare the hand-off from this thread to
+  the joiner (~50-80 us here, the futex wake and the GIL): the runtime contract publishes a run's
+  outcome on the backend's outcome thread, where restarts are decided.
+- Cancelling the parent after the tidying (unregistering, the log pumps, closing the fds,
+  pruning the token), as this thread used to: whoever waits on the parent waited for all of it.
+  The parent is cancelled as soon as the error is built, and the outcome published after.
 """
 
 from __future__ import annotations
@@ -351,18 +369,33 @@ class Monitor:
             task.parent.cancel(str(error))
 
     def _finish(self, task: TaskRecord) -> None:
-        """The process has exited: drain its pipe, reap it, classify, cancel, then publish."""
+        """The process has exited: drain its result and stderr, reap it, classify it and cancel
+        the parent; then drain its logs, close its fds and publish."""
         self._read(task, None)  # all it wrote is in the pipe now: it cannot block, only EAGAIN
+        if task.stderr is not None:  # for the crash record: its tail, a faulthandler dump
+            task.stderr.pump(_DRAIN_BUDGET)
+        with task.lock:
+            task.exited = True
+        task.info = _contain.reap(task.proc)
+        task.exitcode = exitcode = task.info.exitcode
+        outcome, task.outcome = task.outcome, None  # from now on the Future alone holds it
+        error = None
+        if not isinstance(outcome, _remote.Returned):
+            error = outcome if outcome is not None else _crash.crashed(task, exitcode)
+            error.exitcode = exitcode
+            if task.stop_reason is not None:
+                error = _crash.stopped(task, exitcode, error)
+            if isinstance(error, TaskCrashedError):
+                _crash.annotate(error, task.info, task.started, task.stderr)
+            if task.stop_reason is None and task.cancels_parent:
+                # Before anything else: whoever waits on the parent learns of a crash first.
+                task.parent.cancel(str(error))
         self._unwatch(task.exit_fd)
         if task.conn is not None:
             self._unwatch(task.conn.fileno())
         for channel in task.channels:  # its last log records are handled before join() returns
             channel.pump(_DRAIN_BUDGET)
             self._unwatch(channel.fileno())
-        with task.lock:
-            task.exited = True
-        task.info = _contain.reap(task.proc)
-        task.exitcode = exitcode = task.info.exitcode
         shim = task.proc.shim if isinstance(task.proc, ForkProcess) else None
         if shim is not None:  # a fork task's: it exits once the task's orphans are dead
             task.proc.shim = None  # type: ignore[union-attr]
@@ -374,23 +407,16 @@ class Monitor:
         prune(task.token)
         with self.lock:
             self.live.discard(task)
-        outcome, task.outcome = task.outcome, None  # from now on the Future alone holds it
-        if isinstance(outcome, _remote.Returned):
+        if error is None:
+            assert isinstance(outcome, _remote.Returned)
             logger.debug("Critical task '%s' completed successfully", task.description)
             task.future.set_result(outcome.value)
             return
-        error = outcome if outcome is not None else _crash.crashed(task, exitcode)
-        error.exitcode = exitcode
+        quiet = task.spec.options.quiet  # its owner reports it, naming what it was for
         if task.stop_reason is not None:
-            error = _crash.stopped(task, exitcode, error)
-        if isinstance(error, TaskCrashedError):
-            _crash.annotate(error, task.info, task.started, task.stderr)
-        if task.stop_reason is not None:
-            logger.warning("%s", error)
+            logger.log(logging.DEBUG if quiet else logging.WARNING, "%s", error)
         else:
-            if task.cancels_parent:
-                task.parent.cancel(str(error))
-            logger.error("%s", error)
+            logger.log(logging.DEBUG if quiet else logging.ERROR, "%s", error)
         task.future.set_exception(error)
 
     def _lose_all(self) -> None:

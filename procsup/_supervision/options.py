@@ -42,6 +42,9 @@ class TaskOptions:
     cpu_time_limit: float | None = None
     timeout: float | None = None
     capture_output: bool = False
+    # Not a spawn() argument: a run whose owner reports its end (an executor's worker, whose
+    # crash is its item's outcome) is logged at DEBUG by the backend, not ERROR.
+    quiet: bool = False
 
     @property
     def restarts(self) -> bool:

@@ -82,7 +82,8 @@ class RunSpec:
         parent: The token a failure cancels (when ``cancels_parent``).
         token: This run's own token, a child of ``parent`` made by the caller.
         options: Limits and output handling (the backend applies ``memory_limit``,
-            ``cpu_time_limit`` and ``capture_output``; supervision handles the rest).
+            ``cpu_time_limit`` and ``capture_output``, and logs the end of a ``quiet`` run at
+            DEBUG only; supervision handles the rest).
         cancels_parent: False when a restart policy decides what a failure does.
     """
 

@@ -35,6 +35,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar, overload
 
+from procsup._os.forking import thread_repair
 from procsup._os.timeouts import check_timeout
 from procsup._os.tree import KILL_WAIT, REAP_DEADLINE
 from procsup._supervision import handle
@@ -256,13 +257,22 @@ def _shutdown_all() -> None:
 
 def _forget_after_fork() -> None:
     # Supervisors' threads do not survive fork; the child starts over with a fresh default.
-    global _default, _default_lock
-    _default = None
+    # Only what there is to forget is written: in a zygote's task, nothing (its pages stay shared).
+    global _default
+    if _default is not None:
+        _default = None
+    if _ALL:
+        _ALL.clear()
+    if _RUNNING:
+        _RUNNING.clear()
+
+
+def _new_lock() -> None:
+    global _default_lock
     _default_lock = threading.Lock()
-    _ALL.clear()
-    _RUNNING.clear()
 
 
 atexit.register(_shutdown_all)
 os.register_at_fork(after_in_child=_forget_after_fork)
+os.register_at_fork(after_in_child=thread_repair(_new_lock))
 handle.set_default_runtime(default_supervisor)

@@ -122,6 +122,7 @@ import weakref
 from collections import deque
 from typing import Any, ClassVar
 
+from procsup._os.forking import thread_repair
 from procsup._token.futex import futex_add, futex_or_wake, futex_wait, futex_wake
 
 SLOT_WORDS = 8
@@ -260,11 +261,17 @@ class Arena:
 
     @classmethod
     def _after_fork(cls) -> None:
+        for arena in cls._registry.values():
+            if arena._pending:  # read, not written, when empty: the page stays shared
+                arena._pending = deque()  # the parent drains its own
+
+    @classmethod
+    def _new_locks(cls) -> None:
+        # Only another thread of the parent could have held them at the fork (thread_repair).
         cls._registry_lock = threading.Lock()
         for arena in cls._registry.values():
             arena._thread_lock = threading.Lock()
             arena._request_lock = threading.Lock()
-            arena._pending = deque()  # the parent drains its own
 
     def lock(self, patience: float | None = None) -> bool:
         """Take the arena lock; with ``patience`` (seconds), give up after that long.
@@ -728,6 +735,26 @@ class Arena:
         if w[base + _FIRST]:
             self._cancel_descendants(slot)
 
+    def cancel_unstarted(self, slot: int, live: int, reason: str | None) -> bool:
+        """Cancel the node unless it has a live child; True if it is now cancelled and childless.
+
+        ``alloc`` links a child under the same lock, so a child made meanwhile was made either
+        before (False here) or after, born cancelled (True here). A node that is gone gives False.
+        """
+        w = self.words
+        base = slot * SLOT_WORDS
+        if (w[base + _WORD] ^ live) & GEN:
+            return False
+        child = w[base + _FIRST]
+        budget = w[_H_HIGH]  # never loop forever on a corrupt list
+        while child and budget > 0:
+            budget -= 1
+            if w[child * SLOT_WORDS + _REFS]:  # dead nodes on the list (a killed release) aside
+                return False
+            child = w[child * SLOT_WORDS + _NEXT]
+        self.cancel(slot, reason)
+        return True
+
     def _cancel_descendants(self, root: int) -> None:
         """Cancel every live descendant of the cancelled ``root``, each with its parent's cause."""
         w = self.words
@@ -791,3 +818,4 @@ class Arena:
 
 
 os.register_at_fork(after_in_child=Arena._after_fork)
+os.register_at_fork(after_in_child=thread_repair(Arena._new_locks))

@@ -8,23 +8,43 @@ Here: the public handle, its blocking and asyncio waits, and how it crosses into
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing.context
 import os
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from procsup._os.timeouts import check_timeout
-from procsup._token.arena import CAUSE, DEFAULT_REASON, GEN, HINT, PULL, SLOT_WORDS, Arena
-from procsup._token.futex import futex_wait, futex_wake
+from procsup._token.arena import (
+    CAUSE,
+    DEFAULT_REASON,
+    GEN,
+    HINT,
+    PATIENCE,
+    PULL,
+    SLOT_WORDS,
+    Arena,
+)
+from procsup._token.futex import futex_wait
+from procsup._token.watch import awaiting
 
 if TYPE_CHECKING:
     import asyncio
 
-__all__ = ["CancellationToken", "DropGuard", "borrow_args", "borrowed", "lock_is_free", "prune"]
+__all__ = [
+    "CancellationToken",
+    "DropGuard",
+    "borrow_args",
+    "borrow_node",
+    "borrowed",
+    "cancel_unstarted",
+    "lock_is_free",
+    "node",
+    "prune",
+]
 
 T = TypeVar("T")
 
@@ -197,45 +217,23 @@ class CancellationToken:
         return text
 
     async def cancelled(self) -> None:
-        """Wait, without blocking the event loop, until this token is cancelled."""
+        """Wait, without blocking the event loop, until this token is cancelled.
+
+        The wait is a watch of the process's ``TokenWatch`` (``procsup._token.watch``), whose
+        thread sleeps on every awaited token at once; cancelling the await ends the watch, and
+        once nothing is awaited, the thread.
+        """
         import asyncio  # not at module level: see procsup._supervision.aio
 
         if self.is_cancelled():
             return
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        aborted = threading.Event()
-        thread = threading.Thread(
-            target=self._wait_for_loop,
-            args=(loop, done, aborted),
-            name="procsup-token-waiter",
-            daemon=True,
-        )
-        thread.start()
+        watched = awaiting().watch(self, functools.partial(_wake_loop, loop, done))
         try:
             await done
         finally:
-            if not done.done() or done.cancelled():
-                aborted.set()
-                futex_wake(self._arena.address + self._word * 4)
-                self._arena.wake_pulled()
-
-    def _wait_for_loop(
-        self, loop: asyncio.AbstractEventLoop, done: asyncio.Future[None], aborted: threading.Event
-    ) -> None:
-        words, word, live = self._words, self._word, self._live
-        words[word + HINT] = 1
-        address = self._arena.address + word * 4
-        arena = self._arena
-        while not aborted.is_set():
-            current = words[word]
-            if current == live:
-                futex_wait(address, live, None)
-            elif current & ~PULL != live or arena.wait_pulled(self._slot, live, None):
-                break
-        if not aborted.is_set():
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(_set_done, done)
+            watched.cancel()
 
     async def run_until_cancelled(self, aw: Awaitable[T]) -> T | None:
         """Run ``aw`` until it finishes or this token is cancelled, whichever comes first.
@@ -303,6 +301,11 @@ class CancellationToken:
         return f"<CancellationToken node={self._slot}.{self._live >> 1} {state}>"
 
 
+def _wake_loop(loop: asyncio.AbstractEventLoop, done: asyncio.Future[None], cause: str) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+        loop.call_soon_threadsafe(_set_done, done)
+
+
 def _set_done(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -332,6 +335,41 @@ def borrow_args(token: CancellationToken, popen: object) -> tuple[Any, ...]:
 def borrowed(key: bytes, fd: Any, slot: int, live: int) -> CancellationToken:
     """A token on the node ``borrow_args()`` described, holding no reference to it."""
     return CancellationToken._from_slot(Arena.adopt(key, fd), slot, live, 0)
+
+
+def node(token: CancellationToken) -> tuple[int, int]:
+    """The ``(slot, live)`` naming ``token``'s node in its arena, for ``borrow_node()`` in another
+    process that shares the arena (an executor's worker names the nodes its next items will run
+    under; the executor cancels them through borrowed handles)."""
+    return token._slot, token._live
+
+
+def borrow_node(near: CancellationToken, slot: int, live: int) -> CancellationToken:
+    """A token on the node ``(slot, live)`` of ``near``'s arena, holding no reference to it.
+
+    Whoever made the node keeps it alive for as long as the borrower may use it; a node freed
+    meanwhile reads as cancelled here, and nothing is ever released twice (as for ``borrowed()``).
+    Nothing crosses a process boundary: only two integers travel, which any pipe can carry.
+    """
+    return CancellationToken._from_slot(near._arena, slot, live, 0)
+
+
+def cancel_unstarted(token: CancellationToken, reason: str, patience: float = PATIENCE) -> bool:
+    """Cancel ``token`` unless a child has been made of it; True if it now is cancelled and has
+    no child, so that any child made of it from now on is born cancelled.
+
+    One-way and atomic with ``child_token()`` in every process (both hold the arena lock): a
+    process that marks "I started" by making a child, and another that takes the work back with
+    this, never both win. False also when the node is gone, or when the arena lock was not had
+    within ``patience`` seconds (its holder is stopped): then nothing was cancelled.
+    """
+    arena = token._arena
+    if not arena.lock(patience=patience):
+        return False
+    try:
+        return arena.cancel_unstarted(token._slot, token._live, reason)
+    finally:
+        arena.unlock()
 
 
 def lock_is_free(token: CancellationToken) -> bool:

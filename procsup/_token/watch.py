@@ -12,19 +12,28 @@
                                                                           and on the arena's epoch
                                                   futex_waitv(control word, the words, epochs):
                                                     any of them woken or changed ─▶ next pass
-    Watched.cancel() ─▶ entry dropped (its word is left out of the next pass)
+    Watched.cancel() ─▶ entry dropped (its word is left out of the next pass; with idle_exit, the
+                        last one's drop bumps the control word, and the thread ends)
 
 A cancellation wakes the watcher exactly as it wakes a thread in ``CancellationToken.wait()``:
 ``cancel()`` wakes every newly cancelled node whose ``hint`` is set (``procsup._token.arena``),
 and the watcher sets it before its first look, its futex syscall ordering that store before the
 kernel's load of the word.
 
+``await token.cancelled()`` is a watch too: ``awaiting()`` is the process's watch for it, whose
+threads end whenever nothing is awaited (``idle_exit``) and which a forked child starts afresh.
+
 Things that don't work
 ----------------------
-- A thread per token blocked in ``wait()`` (what ``await token.cancelled()`` does): a supervisor
-  of a thousand remote tasks would hold a thousand threads, and every start and end of one pays
-  for a thread's creation and wake-up (about a millisecond of a loaded 2-core machine, measured
-  on a Ray start-to-result).
+- A thread per token blocked in ``wait()``: a supervisor of a thousand remote tasks would hold a
+  thousand threads, and every start and end of one pays for a thread's creation and wake-up
+  (about a millisecond of a loaded 2-core machine, measured on a Ray start-to-result).
+- A thread per ``await token.cancelled()``, told to leave by a flag and a ``futex_wake`` on the
+  token's word: a wake that comes between the thread's look at the flag and its ``futex_wait``
+  is lost, and the thread sleeps until the token is cancelled, perhaps forever (what
+  ``cancelled()`` once did: of 5,000 awaits aborted at once, each on a fresh token, a third
+  or more left their thread asleep). Only a word of our own, slept on beside the token's (the
+  control word here), can say "leave" without that race.
 - ``futex_wait`` on one word after another: a cancellation of any other token waits for the one
   being slept on.
 - Polling ``is_cancelled()``: a latency or a CPU cost, whichever the period trades for the other.
@@ -39,19 +48,34 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
-from procsup._token.arena import HINT, PULL
+from procsup._token.arena import HINT, PULL, Arena
 from procsup._token.futex import WAITV_MAX, futex_wait, futex_waitv, futex_wake
-from procsup._token.token import CancellationToken
 
-__all__ = ["PER_SHARD", "TokenWatch", "Watched"]
+__all__ = ["PER_SHARD", "TokenWatch", "Watchable", "Watched", "awaiting"]
 
 logger = logging.getLogger("procsup")
 
 PER_SHARD = WAITV_MAX - 8  # tokens per thread: the control word and an epoch or so beside them
 _LEAVE_CHECK = 0.5  # seconds a fallback thread may take to notice its watch was cancelled
+
+
+class Watchable(Protocol):
+    """What a watch reads of a ``CancellationToken``: this module cannot import that class, whose
+    ``cancelled()`` is built on a watch (``awaiting()``)."""
+
+    _arena: Arena
+    _slot: int
+    _live: int
+    _words: memoryview
+    _word: int
+
+    @property
+    def cause(self) -> str | None: ...
 
 
 class Watched:
@@ -62,21 +86,25 @@ class Watched:
 
     __slots__ = ("_drop", "callback", "token")
 
-    def __init__(self, token: CancellationToken, callback: Callable[[str], None]) -> None:
+    def __init__(self, token: Watchable, callback: Callable[[str], None]) -> None:
         self.token = token
         self.callback = callback
-        self._drop: Callable[[Watched], None] = lambda watched: None
+        self._drop: Callable[[Watched], None] = _ignore
 
     def cancel(self) -> None:
         """Stop watching: no callback for this token starts after this returns."""
         self._drop(self)
 
 
-def _address(token: CancellationToken) -> int:
+def _ignore(watched: Watched) -> None:
+    pass
+
+
+def _address(token: Watchable) -> int:
     return token._arena.address + token._word * 4
 
 
-def _state(token: CancellationToken) -> int:
+def _state(token: Watchable) -> int:
     """1 cancelled (or gone), 0 live, -1 PULL only: the arena must be asked."""
     current = token._words[token._word]
     if current == token._live:
@@ -88,36 +116,46 @@ class _Shard:
     """Up to ``PER_SHARD`` tokens and the thread that sleeps on all of them at once.
 
     Invariants (under ``_lock``): ``_entries`` holds every watch neither fired nor cancelled;
-    ``_control`` changes whenever an entry is added (or the shard closes), so a pass that read an
-    older value does not sleep: every entry is among the words slept on (a dropped one may be
-    too, until the next pass).
+    ``_control`` changes whenever an entry is added (or the shard closes, or, with ``on_idle``,
+    loses its last entry), so a pass that read an older value does not sleep: every entry is
+    among the words slept on (a dropped one may be too, until the next pass). Once ``_closing``
+    is set, no entry is added and the thread is ending (or has ended).
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, first: Watched, on_idle: Callable[[_Shard], None] | None) -> None:
         self._lock = threading.Lock()
         self._entries: set[Watched] = set()
         self._control = ctypes.c_uint32(0)
         self._closing = False
+        self._on_idle = on_idle  # None: the thread runs until close(); else it ends when idle
+        self.add(first)  # before the thread: an idle_exit shard never starts empty
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, watched: Watched) -> None:
+    def add(self, watched: Watched) -> bool:
+        """Add a watch; False if this shard's thread is ending (then nothing changed)."""
         token = watched.token
         token._words[token._word + HINT] = 1  # cancel() wakes only what was ever waited on
-        watched._drop = self.drop
         with self._lock:
+            if self._closing:
+                return False
+            watched._drop = self.drop
             self._entries.add(watched)
             self._kick()
+        return True
 
     def drop(self, watched: Watched) -> None:
-        # No kick: the thread may keep the word in its set until its next pass (any add or
-        # cancellation), where a wake for it finds no entry. Waking it for every drop cost a
-        # thread switch at the end of every run.
+        # No kick while entries remain: the thread may keep the word in its set until its next
+        # pass (any add or cancellation), where a wake for it finds no entry. Waking it for
+        # every drop cost a thread switch at the end of every run.
         with self._lock:
-            self._entries.discard(watched)
+            if watched in self._entries:
+                self._entries.discard(watched)
+                if self._on_idle is not None and not self._entries:
+                    self._kick()  # the last one: the thread ends
 
     def close(self, timeout: float) -> bool:
         with self._lock:
@@ -144,8 +182,10 @@ class _Shard:
     def _run(self) -> None:
         while True:
             with self._lock:
+                if not self._entries and self._on_idle is not None:
+                    self._closing = True
                 if self._closing:
-                    return
+                    break
                 entries = list(self._entries)
                 control = self._control.value
             words = [(ctypes.addressof(self._control), control)]
@@ -176,14 +216,17 @@ class _Shard:
             finally:
                 for arena in counted:
                     arena.count_pull_waiter(-1)
+        if self._on_idle is not None:
+            self._on_idle(self)
 
 
 class _Lone:
     """The fallback without ``futex_waitv``: one thread for one watch."""
 
-    def __init__(self, watched: Watched, name: str) -> None:
+    def __init__(self, watched: Watched, name: str, on_end: Callable[[_Lone], None] | None) -> None:
         self._watched = watched
         self._left = False
+        self._on_end = on_end
         watched._drop = self._leave
         watched.token._words[watched.token._word + HINT] = 1
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -209,7 +252,9 @@ class _Lone:
                         self._watched.callback(token.cause or "cancelled")
                     except Exception:
                         logger.exception("procsup: a token watch callback raised")
-                return
+                break
+        if self._on_end is not None:
+            self._on_end(self)
 
     def join(self, timeout: float) -> bool:
         self._thread.join(timeout)
@@ -220,18 +265,21 @@ class TokenWatch:
     """Calls ``callback(cause)`` once a watched token is cancelled, from a thread of the watch.
 
     Callbacks run on the watch's threads: keep them short (hand the work to another thread).
-    ``close()`` ends the threads; watches not fired by then never fire.
+    ``close()`` ends the threads; watches not fired by then never fire. With ``idle_exit``, a
+    thread also ends as soon as it has nothing left to watch (the next ``watch()`` starts
+    another): an idle watch holds no thread, and needs no ``close()``.
     """
 
-    def __init__(self, name: str, *, multi: bool | None = None) -> None:
+    def __init__(self, name: str, *, multi: bool | None = None, idle_exit: bool = False) -> None:
         self._name = name
         self._lock = threading.Lock()
         self._shards: list[_Shard] = []
         self._lones: list[_Lone] = []
         self._closed = False
         self._multi = _has_waitv() if multi is None else multi
+        self._idle_exit = idle_exit
 
-    def watch(self, token: CancellationToken, callback: Callable[[str], None]) -> Watched:
+    def watch(self, token: Watchable, callback: Callable[[str], None]) -> Watched:
         """Watch ``token``: ``callback`` runs once it is cancelled (at once if it is already).
 
         Raises:
@@ -243,14 +291,25 @@ class TokenWatch:
                 raise RuntimeError("this TokenWatch is closed")
             if not self._multi:
                 self._lones = [lone for lone in self._lones if lone._thread.is_alive()]
-                self._lones.append(_Lone(watched, self._name))
+                self._lones.append(_Lone(watched, self._name, self._ended_lone))
                 return watched
-            shard = next((s for s in self._shards if len(s) < PER_SHARD), None)
-            if shard is None:
-                shard = _Shard(self._name)
-                self._shards.append(shard)
-            shard.add(watched)
+            for shard in self._shards:
+                if len(shard) < PER_SHARD and shard.add(watched):
+                    return watched
+            on_idle = self._ended_shard if self._idle_exit else None
+            self._shards.append(_Shard(self._name, watched, on_idle))
         return watched
+
+    def _ended_shard(self, shard: _Shard) -> None:
+        with self._lock:
+            if shard in self._shards:
+                self._shards.remove(shard)
+
+    def _ended_lone(self, lone: _Lone) -> None:
+        if self._idle_exit:  # else close() joins it (and watch() prunes it)
+            with self._lock:
+                if lone in self._lones:
+                    self._lones.remove(lone)
 
     def close(self, timeout: float) -> bool:
         """End the threads (a lone watch's once it is cancelled or fired); True once they have."""
@@ -263,6 +322,14 @@ class TokenWatch:
             lone._watched.cancel()
         return all([lone.join(timeout) for lone in lones]) and done  # noqa: C419 - join every one
 
+    def _forsake(self) -> None:
+        """In a forked child: the threads are gone, and a lock may be held by one of them."""
+        for shard in self._shards:
+            for watched in list(shard._entries):
+                watched._drop = _ignore
+        for lone in self._lones:
+            lone._watched._drop = _ignore
+
 
 def _has_waitv() -> bool:
     word = ctypes.c_uint32(1)
@@ -271,3 +338,33 @@ def _has_waitv() -> bool:
     except OSError:
         return False
     return True
+
+
+_awaiting: TokenWatch | None = None
+_awaiting_lock = threading.Lock()
+
+
+def awaiting() -> TokenWatch:
+    """The process's watch behind ``await token.cancelled()``, made on first use.
+
+    Its threads (``procsup-token-waiter``) end whenever no await is pending, so a process that
+    awaits nothing holds none, and no ``close()`` is ever due.
+    """
+    global _awaiting
+    with _awaiting_lock:
+        if _awaiting is None:
+            _awaiting = TokenWatch("procsup-token-waiter", idle_exit=True)
+        return _awaiting
+
+
+def _forget_after_fork() -> None:
+    # The watch's threads do not survive fork. A forked child awaits with a watch of its own;
+    # an await pending in the parent is not carried over (its loop is the parent's to run).
+    global _awaiting, _awaiting_lock
+    inherited, _awaiting = _awaiting, None
+    _awaiting_lock = threading.Lock()
+    if inherited is not None:
+        inherited._forsake()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
