@@ -286,9 +286,9 @@ def test_quick_runs_keep_every_guarantee(sup: RaySupervisor, nodes: Nodes, fifo:
     assert [events.get(DEADLINE).kind for _ in range(12)] == ["started", "finished"] * 6
     events.close()
     for _ in range(3):
-        handle = sup.spawn(ray_tasks.cancel_myself_at_once, "self", resources=SECOND)
-        assert handle.join(DEADLINE) == "done"
-        assert handle.is_cancelled()
+        own = sup.spawn(ray_tasks.cancel_myself_at_once, "self", resources=SECOND)
+        assert own.join(DEADLINE) == "done"
+        assert own.is_cancelled()
     parent = CancellationToken()
     sibling = sup.spawn(
         ray_tasks.wait_for_cancel, "sibling", (fifo.path,), parent_token=parent, resources=HEAD

@@ -56,14 +56,13 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import cloudpickle
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from procsup._os.tree import Ladder
 from procsup._outcome.errors import CriticalTaskError, TaskCrashedError
-from procsup._process.reduction import by_value
+from procsup._process.reduction import by_value, dumps_by_value
 from procsup._ray.agent import CALLS, GROUPS, Agent
 from procsup._ray.hub import TokenHub
 from procsup._ray.messages import (
@@ -671,7 +670,7 @@ def _pickled_call(spec: RunSpec) -> tuple[bool, bytes]:
     """
     call = (spec.task_fn, tuple(spec.args), dict(spec.kwargs))
     try:
-        blob = cloudpickle.dumps(call, pickle.HIGHEST_PROTOCOL)
+        blob = dumps_by_value(call)
     except Exception as exc:
         raise TypeError(
             f"critical task {spec.description!r} could not be started on Ray: its function, "
