@@ -12,6 +12,7 @@ import faulthandler
 import os
 import resource
 import signal
+import sys
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -230,3 +231,8 @@ def nested(token: CancellationToken, start_method: str) -> None:
 def current_is_mine(token: CancellationToken) -> bool:
     """Whether procsup.current_token() in the task is the token it was given."""
     return current_token() == token
+
+
+def surroundings(token: CancellationToken) -> tuple[str, list[str]]:
+    """The task's working directory and ``sys.argv``."""
+    return os.getcwd(), sys.argv

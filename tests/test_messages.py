@@ -17,13 +17,13 @@ from procsup._process.messages import (
     FreshHandoff,
     FreshStart,
     Guard,
-    PathSynced,
     Preload,
     Preloaded,
     Spawn,
     Started,
     StartFailed,
-    SyncPath,
+    Sync,
+    Synced,
     Ward,
     load_payload,
 )
@@ -32,8 +32,8 @@ from procsup._token.token import borrow_args
 
 WARD = Ward(2.5, b"k" * 16, FdRef(0), 3, 5)
 MESSAGES = [
-    SyncPath(["/a", "/b"]),
-    PathSynced(),
+    Sync(["/a", "/b"], ["script.py", "-v"], "/tmp"),
+    Synced(),
     Preload(("json", "tests.tasks")),
     Preloaded((("missing", "ModuleNotFoundError: No module named 'missing'"),)),
     Spawn(("tests.tasks",), b"payload", WARD, False, FdRef(1)),

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -259,3 +261,16 @@ def test_monitor_lost(runtime: Supervisor, monkeypatch: pytest.MonkeyPatch) -> N
     assert isinstance(task, TaskRecord)
     task.proc.join(DEADLINE)  # nobody reaps for a dead monitor: clean up by hand
     task.release()
+
+
+def test_a_task_sees_the_directory_and_argv_of_its_start(
+    runtime: Supervisor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Test that a task runs in its supervisor's working directory and sees its ``sys.argv`` as
+    they are when it starts, not as they were when the zygote started (forkserver), under every
+    start method, as multiprocessing prepares its children."""
+    assert runtime.spawn(tasks.surroundings, "before").join(DEADLINE) == (os.getcwd(), sys.argv)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["service.py", "--config", "prod.toml"])
+    seen = runtime.spawn(tasks.surroundings, "after").join(DEADLINE)
+    assert seen == (str(tmp_path), ["service.py", "--config", "prod.toml"])

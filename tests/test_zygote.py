@@ -355,7 +355,7 @@ def test_the_zygote_imports_asyncio_for_the_first_async_task_only() -> None:
         import sys
         import psutil
         from procsup import Supervisor
-        from procsup._process.messages import SyncPath
+        from procsup._process.messages import Sync
         from procsup._process.zygote import _Zygote
         from tests import asyncless_tasks as tasks
 
@@ -371,7 +371,8 @@ def test_the_zygote_imports_asyncio_for_the_first_async_task_only() -> None:
             assert sup.spawn(tasks.async_value, "async", args=(2,)).join(10) == 2
             # The zygote imports after it replied; one more request and reply (it serves them in
             # order) is the handshake that it is done.
-            _Zygote.get()._call(SyncPath(list(sys.path)), [])
+            _Zygote.get().sync()  # no change: no request; then one that is answered in order
+            _Zygote.get()._call(Sync(list(sys.path), list(sys.argv), "/"), [])
             assert zygote_has_asyncio(), "the zygote did not import asyncio"
             assert sup.spawn(tasks.async_value, "async", args=(3,)).join(10) == 3
         assert "asyncio" not in sys.modules, "the supervisor imported asyncio"

@@ -5,8 +5,8 @@
     supervisor (``zygote._Zygote``)            zygote (``server._Server``)          spare or child
     ───────────────────────────────            ───────────────────────────          ──────────────
     one AF_UNIX SOCK_SEQPACKET socket; a request is one datagram, fds as SCM_RIGHTS; in order
-    SyncPath(path) ──────────────────────────▶ sys.path[:] = path, drop the spare
-                   ◀────────────────────────── PathSynced()
+    Sync(path, argv, cwd) ───────────────────▶ take them, drop the spare
+                   ◀────────────────────────── Synced()
     Preload(names) ──────────────────────────▶ import them
                    ◀────────────────────────── Preloaded(failed)
     Spawn(preload, payload, ward, fresh, stderr)
@@ -63,7 +63,6 @@ __all__ = [
     "FreshStart",
     "Guard",
     "Passed",
-    "PathSynced",
     "Preload",
     "Preloaded",
     "Reply",
@@ -71,7 +70,8 @@ __all__ = [
     "Spawn",
     "StartFailed",
     "Started",
-    "SyncPath",
+    "Sync",
+    "Synced",
     "Ward",
     "decode_reply",
     "encode_started",
@@ -148,11 +148,15 @@ class Ward:
 
 
 @dataclass(frozen=True)
-class SyncPath:
-    """Set the zygote's ``sys.path`` (a task module may be importable only through a new entry).
-    Reply: ``PathSynced``."""
+class Sync:
+    """Give the zygote the supervisor's ``sys.path``, ``sys.argv`` and working directory, as
+    multiprocessing's forkserver prepares each child from its parent: a task module may be
+    importable only through a new ``sys.path`` entry, and a task may read a relative path or its
+    ``sys.argv``. Reply: ``Synced``."""
 
     path: list[str]
+    argv: list[str]
+    cwd: str
 
 
 @dataclass(frozen=True)
@@ -194,15 +198,15 @@ class Guard:
     ward: Ward
 
 
-Request = SyncPath | Preload | Spawn | Guard
+Request = Sync | Preload | Spawn | Guard
 
 
 # ---------------------------------------------------------------- replies (zygote -> supervisor)
 
 
 @dataclass(frozen=True)
-class PathSynced:
-    """``SyncPath`` is done."""
+class Synced:
+    """``Sync`` is done."""
 
 
 @dataclass(frozen=True)
@@ -226,7 +230,7 @@ class StartFailed:
     error: str
 
 
-Reply = PathSynced | Preloaded | Started | StartFailed
+Reply = Synced | Preloaded | Started | StartFailed
 
 # ``Started``, the reply to nearly every request, is packed by hand: the zygote sends it right
 # after a fork, when each page that pickling a dataclass writes is copied first (~40 page faults,

@@ -98,12 +98,12 @@ from procsup._process.messages import (
     FdRef,
     Guard,
     Passed,
-    PathSynced,
     Preload,
     Preloaded,
     Spawn,
     StartFailed,
-    SyncPath,
+    Sync,
+    Synced,
     Ward,
     encode_started,
     load_payload,
@@ -223,10 +223,13 @@ class _Server:
                     os.close(redundant)
                 self.guardian.watch(pid, fds[0], token, ward.grace)
                 return fds[0]
-            case SyncPath(path=path):
+            case Sync(path=path, argv=argv, cwd=cwd):
                 sys.path[:] = path
-                self.drop_spare(kill=False)  # it has the old path; the next start forks afresh
-                self.reply(PathSynced())
+                sys.argv[:] = argv
+                with contextlib.suppress(OSError):  # not ours to enter: the task will find out
+                    os.chdir(cwd)
+                self.drop_spare(kill=False)  # it has the old ones; the next start forks afresh
+                self.reply(Synced())
             case Preload(names=names):
                 # Supervisor's first start: its preload list, imported here now, failures named.
                 known = len(sys.modules)
@@ -238,7 +241,7 @@ class _Server:
                     self.spare_due = time.monotonic()
         return -1
 
-    def reply(self, reply: PathSynced | Preloaded | StartFailed | int) -> None:
+    def reply(self, reply: Synced | Preloaded | StartFailed | int) -> None:
         """Answer the supervisor; an int is ``Started(pid)`` (``messages.encode_started``)."""
         data = (
             encode_started(reply)

@@ -90,7 +90,7 @@ from procsup._process.messages import (
     Spawn,
     Started,
     StartFailed,
-    SyncPath,
+    Sync,
     Ward,
     decode_reply,
 )
@@ -369,7 +369,7 @@ class ZygoteProcess(_LeanProcess):
             )
             payload = memoryview(pickle.dumps(fresh, pickle.HIGHEST_PROTOCOL))
         zygote = _Zygote.get()
-        zygote.sync_path()
+        zygote.sync()
         with _STARTING:  # a fork task started meanwhile would keep a copy of our write end
             read_end, write_end = os.pipe2(os.O_CLOEXEC)
             try:
@@ -425,16 +425,22 @@ class _Zygote:
             process_group=0 if self.own_group else None,
         )
         theirs.close()
-        self._path: list[str] = []
-        self.sync_path()
+        self._synced: tuple[list[str], list[str], str] | None = None
+        self.sync()
 
-    def sync_path(self) -> None:
-        """Give the zygote this process's ``sys.path`` if it changed since it last got it, so a
-        task module importable only through a later entry is found."""
-        if sys.path != self._path:
-            path = list(sys.path)
-            self._call(SyncPath(path), [])  # PathSynced: requests are answered in order
-            self._path = path
+    def sync(self) -> None:
+        """Give the zygote this process's ``sys.path``, ``sys.argv`` and working directory if
+        they changed since it last got them (``messages.Sync``): a task module importable only
+        through a later entry is found, and a task sees the argv and directory of its start."""
+        try:
+            cwd = os.getcwd()
+        except OSError:  # it was removed: the zygote keeps the one it has
+            cwd = self._synced[2] if self._synced is not None else "/"
+        synced = self._synced
+        if synced is None or sys.path != synced[0] or sys.argv != synced[1] or cwd != synced[2]:
+            path, argv = list(sys.path), list(sys.argv)
+            self._call(Sync(path, argv, cwd), [])  # Synced: requests are answered in order
+            self._synced = (path, argv, cwd)
 
     def preload(self, names: Sequence[str]) -> list[tuple[str, str]]:
         """Have the zygote import ``names`` now; return each that failed, with its error."""
@@ -537,7 +543,7 @@ def preload(names: Sequence[str]) -> list[tuple[str, str]]:
     """Import ``names`` in this process's zygote (starting it if needed); return each that failed
     to import, with its error (``"ImportError: ..."``)."""
     zygote = _Zygote.get()
-    zygote.sync_path()
+    zygote.sync()
     return zygote.preload(names)
 
 
