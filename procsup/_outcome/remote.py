@@ -58,6 +58,7 @@ __all__ = [
     "decode",
     "encode_error",
     "encode_return",
+    "encode_value",
     "rebuild",
     "returned",
 ]
@@ -144,6 +145,22 @@ def encode_return(value: Any) -> bytes:
         except Exception:  # noqa: BLE001 - the by-reference error says more
             raise exc from None
     return _frame(_RETURN, data)
+
+
+def encode_value(value: Any, what: str) -> bytes:
+    """The frame of a ``what`` (``"task"``, ``"item"``) that returned ``value``: by reference,
+    else by value (``encode_return``); if it cannot be sent at all, an error frame, a
+    ``PicklingError`` saying so. Never raises."""
+    try:
+        return encode_return(value)
+    except Exception as exc:  # noqa: BLE001 - pickling can raise anything a __reduce__ raises
+        try:
+            raise pickle.PicklingError(
+                f"the {what}'s return value ({type(value).__qualname__}) cannot be sent to the "
+                f"parent: {exc}"
+            ) from exc
+        except pickle.PicklingError as err:
+            return encode_error(err)
 
 
 def _type_name(cls: type) -> str:

@@ -33,7 +33,6 @@ Things that don't work
 from __future__ import annotations
 
 import inspect
-import pickle
 import signal
 from collections.abc import Awaitable, Callable, Mapping
 from multiprocessing.connection import Connection
@@ -42,7 +41,7 @@ from typing import Any, TypeVar
 from procsup._os.fds import write_all
 from procsup._os.proc import detach_process_group
 from procsup._os.tree import enter_task
-from procsup._outcome.remote import encode_error, encode_return
+from procsup._outcome.remote import encode_error, encode_return, encode_value
 from procsup._process.logs import prepare_forwarder
 from procsup._process.stdio import attach, prepare_stderr
 from procsup._token.current import set_current_token
@@ -76,16 +75,7 @@ def _outcome(
         value = None
     except BaseException as exc:  # noqa: BLE001 - every exception is an outcome, even KeyboardInterrupt
         return encode_error(exc)
-    try:
-        return encode_return(value)
-    except Exception as exc:  # noqa: BLE001 - pickling can raise anything a __reduce__ raises
-        try:
-            raise pickle.PicklingError(
-                f"the task's return value ({type(value).__qualname__}) cannot be sent to the "
-                f"parent: {exc}"
-            ) from exc
-        except pickle.PicklingError as err:
-            return encode_error(err)
+    return encode_value(value, "task")
 
 
 def _reset_signals() -> None:

@@ -54,7 +54,6 @@ import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from procsup._outcome.remote import encode_error, encode_return
 from procsup._process.reduction import dumps_by_value as _by_value
 
 __all__ = [
@@ -73,7 +72,6 @@ __all__ = [
     "describe",
     "dumps_call",
     "dumps_object",
-    "encode_value",
 ]
 
 REQUEST = struct.Struct("!BQQ")  # kind, item id, call length
@@ -156,19 +154,3 @@ def _culprit(parts: list[tuple[str, object]], error: Exception) -> tuple[str, Ex
         except Exception as exc:  # noqa: BLE001
             return f"{name} ({type(obj).__qualname__})", exc
     return "the call", error  # each part alone pickles: together they do not (a cycle, say)
-
-
-def encode_value(value: Any) -> bytes:
-    """The outcome frame of an item that returned ``value``: by reference, else by value
-    (``encode_return``); an error frame (a ``PicklingError`` saying so) if it cannot be sent at
-    all. Never raises."""
-    try:
-        return encode_return(value)
-    except Exception as exc:  # noqa: BLE001 - a __reduce__ may raise anything
-        try:
-            raise pickle.PicklingError(
-                f"the item's return value ({type(value).__qualname__}) cannot be sent to the "
-                f"parent: {exc}"
-            ) from exc
-        except pickle.PicklingError as err:
-            return encode_error(err)

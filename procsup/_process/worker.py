@@ -71,7 +71,7 @@ import psutil
 
 from procsup._os.fds import write_all
 from procsup._os.tree import KILL_WAIT, kill_trees
-from procsup._outcome.remote import encode_error
+from procsup._outcome.remote import encode_error, encode_value
 from procsup._process import items
 from procsup._process.reduction import loads_sharing_main
 from procsup._process.setup import over_limit
@@ -146,7 +146,7 @@ def _run(call: bytes, memory_limit: int | None) -> bytes:
     finally:
         del fn, args, kwargs
     _leave_if_forked(worker, None)
-    return items.encode_value(value)
+    return encode_value(value, "item")
 
 
 def _leave_if_forked(worker: int, exc: BaseException | None) -> None:
