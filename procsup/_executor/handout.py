@@ -134,6 +134,20 @@ class Handout:
     # ---------------------------------------------------------------- handing items out
 
     def _dispatch(self) -> None:
+        """Hand out what is queued. What each worker is sent in one call is written in one
+        ``writev``: a write per item cost a GIL hand-off each (the syscall releases it, and the
+        caller's thread, submitting, takes it), ~40% of this thread's time at 2,000 items."""
+        corked = [worker for worker in self._ready if worker.open]
+        for worker in corked:
+            worker.cork()
+        try:
+            self._hand_out()
+        finally:
+            for worker in corked:
+                if worker.uncork():
+                    self._watch_output(worker)
+
+    def _hand_out(self) -> None:
         ready = self._ready
         if self._queue:
             for worker in ready:  # idle workers first: an item waits for nobody

@@ -154,6 +154,7 @@ class Worker:
         self.dead = False
         self.broken_pipe = False
         self._out: collections.deque[memoryview] = collections.deque()
+        self._corked: list[bytes] | None = None  # while cork()ed: what send() was given
         self._in = bytearray()
 
     @property
@@ -171,8 +172,22 @@ class Worker:
 
     # ---------------------------------------------------------------- to the worker
 
+    def cork(self) -> None:
+        """Hold what ``send()`` is given until ``uncork()``, which writes it all at once."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> bool:
+        """Write what was sent while corked, in one ``writev``; True if some waits for EPOLLOUT."""
+        parts, self._corked = self._corked, None
+        return parts is not None and bool(parts) and self.send(*parts)
+
     def send(self, *parts: bytes) -> bool:
-        """Write ``parts`` as far as the pipe takes them; True if some wait for EPOLLOUT."""
+        """Write ``parts`` as far as the pipe takes them; True if some wait for EPOLLOUT (never
+        while corked: ``uncork()`` says it then)."""
+        if self._corked is not None:
+            self._corked.extend(parts)
+            return False
         if self._out or self.broken_pipe:
             self._out.extend(memoryview(part) for part in parts)
             return not self.broken_pipe
