@@ -24,7 +24,7 @@ from procsup import (
     TaskFailedError,
 )
 from procsup._supervision.monitor import Monitor, TaskRecord
-from tests import tasks
+from tests import executor_items, newcomer_tasks, tasks
 from tests.conftest import process_gone
 from tests.tasks import DEADLINE
 
@@ -274,3 +274,13 @@ def test_a_task_sees_the_directory_and_argv_of_its_start(
     monkeypatch.setattr(sys, "argv", ["service.py", "--config", "prod.toml"])
     seen = runtime.spawn(tasks.surroundings, "after").join(DEADLINE)
     assert seen == (str(tmp_path), ["service.py", "--config", "prod.toml"])
+
+
+@pytest.mark.parametrize(("how", "exitcode"), [("return", 0), ("raise", 1), ("0", 0), ("3", 3)])
+def test_a_process_a_task_forked_that_comes_back_exits(
+    runtime: Supervisor, how: str, exitcode: int
+) -> None:
+    """Test that a process a task forked and did not end with os._exit (it returned, raised or
+    called sys.exit()) exits as a script would, instead of reporting its outcome as the task's."""
+    handle = runtime.spawn(newcomer_tasks.apply, "forker", args=(executor_items.fork_then, how))
+    assert handle.join(DEADLINE) == ("parent", exitcode)

@@ -37,6 +37,8 @@ import fcntl
 import functools
 import os
 import signal
+import sys
+import traceback
 from typing import Any
 
 import psutil
@@ -46,6 +48,7 @@ __all__ = [
     "detach_process_group",
     "enlarge_pipe",
     "human_size",
+    "leave_if_forked",
     "proc_state",
     "set_child_subreaper",
     "set_parent_death_signal",
@@ -231,3 +234,27 @@ def human_size(size: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} TiB"
+
+
+def leave_if_forked(owner: int, exc: BaseException | None) -> None:
+    """After a task's (or an executor item's) call came back with ``exc`` (None: it returned): if
+    this is not ``owner`` but a process the call forked that came back too (it returned, raised
+    or called ``sys.exit()`` instead of ``os._exit``), it exits here as the end of a script
+    would have ended it. It holds the owner's pipes: it must neither report an outcome for the
+    task nor (in a worker) read the next items."""
+    if os.getpid() == owner:
+        return
+    code = 0
+    if isinstance(exc, SystemExit):
+        if isinstance(exc.code, int):
+            code = exc.code
+        elif exc.code is not None:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    elif exc is not None:
+        traceback.print_exception(exc)
+        code = 1
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)

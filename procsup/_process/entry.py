@@ -33,13 +33,14 @@ Things that don't work
 from __future__ import annotations
 
 import inspect
+import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
 from procsup._os.fds import write_all
-from procsup._os.proc import detach_process_group
+from procsup._os.proc import detach_process_group, leave_if_forked
 from procsup._os.tree import enter_task
 from procsup._outcome.remote import encode_error, encode_return, encode_value
 from procsup._process.logs import prepare_forwarder
@@ -62,6 +63,7 @@ def _outcome(
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
 ) -> bytes:
+    owner = os.getpid()
     try:
         value = task_fn(token, *args, **kwargs)
         if inspect.isawaitable(value):
@@ -69,12 +71,15 @@ def _outcome(
 
             value = asyncio.run(_await(value))
     except SystemExit as exc:
+        leave_if_forked(owner, exc)
         # sys.exit() and sys.exit(0) are how scripts say "done": a success, as for the interpreter.
         if exc.code not in (0, None):
             return encode_error(exc)
         value = None
     except BaseException as exc:  # noqa: BLE001 - every exception is an outcome, even KeyboardInterrupt
+        leave_if_forked(owner, exc)
         return encode_error(exc)
+    leave_if_forked(owner, None)
     return encode_value(value, "task")
 
 

@@ -60,8 +60,6 @@ import collections
 import contextlib
 import inspect
 import os
-import sys
-import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -70,6 +68,7 @@ from typing import Any, TypeVar
 import psutil
 
 from procsup._os.fds import write_all
+from procsup._os.proc import leave_if_forked
 from procsup._os.tree import KILL_WAIT, kill_trees
 from procsup._outcome.remote import encode_error, encode_value
 from procsup._process import items
@@ -129,46 +128,24 @@ def _run(call: bytes, memory_limit: int | None) -> bytes:
 
             value = asyncio.run(_await(value))
     except SystemExit as exc:
-        _leave_if_forked(worker, exc)
+        leave_if_forked(worker, exc)
         # As for a task: sys.exit() and sys.exit(0) say "done"; the worker goes on regardless.
         if exc.code not in (0, None):
             return encode_error(exc)
         value = None
     except MemoryError as exc:
-        _leave_if_forked(worker, exc)
+        leave_if_forked(worker, exc)
         try:
             raise over_limit(exc, memory_limit) from exc
         except MemoryError as reported:
             return encode_error(reported)
     except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt included: an outcome
-        _leave_if_forked(worker, exc)
+        leave_if_forked(worker, exc)
         return encode_error(exc)
     finally:
         del fn, args, kwargs
-    _leave_if_forked(worker, None)
+    leave_if_forked(worker, None)
     return encode_value(value, "item")
-
-
-def _leave_if_forked(worker: int, exc: BaseException | None) -> None:
-    """In a process the item forked that came back here (``sys.exit()`` in the child, a raise, a
-    return: anything but ``os._exit``): it holds the worker's pipes, and must neither reply for
-    the item nor read the next ones. It exits as the end of a script would have ended it."""
-    if os.getpid() == worker:
-        return
-    code = 0
-    if isinstance(exc, SystemExit):
-        if isinstance(exc.code, int):
-            code = exc.code
-        elif exc.code is not None:
-            print(exc.code, file=sys.stderr)
-            code = 1
-    elif exc is not None:
-        traceback.print_exception(exc)
-        code = 1
-    with contextlib.suppress(Exception):
-        sys.stdout.flush()
-        sys.stderr.flush()
-    os._exit(code)
 
 
 def serve(
