@@ -95,7 +95,8 @@ _PROBES: list[tuple[str, str, str | None, str | None]] = [
     ("procsup._process.shim", "serve", "shim: runs", None),
     ("procsup._process.entry", "write_all", None, "task: result written"),
     ("procsup._supervision.monitor", "Monitor._decode", "monitor: result frame whole", None),
-    ("procsup._supervision.monitor", "Monitor._finish", "monitor: exit seen", "monitor: done"),
+    ("procsup._supervision.monitor", "Monitor._finish", "monitor: exit seen", "monitor: cancelled"),
+    ("procsup._supervision.monitor", "Monitor._publish", None, "monitor: done"),
 ]
 _DETAILS = [
     ("procsup._process.entry", name, None, f"task: {name}() done")

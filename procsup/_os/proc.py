@@ -81,14 +81,19 @@ _LIKELY_CAUSE: dict[str, str] = {
 }
 
 
+# A lookup, not ``signal.Signals(signum).name``: the enum's Python-level machinery, on the path
+# from a crash to the parent token's cancellation, was one more cold function call chain there.
+_SIGNAL_NAMES = {int(sig): sig.name for sig in signal.Signals}
+
+
 def signal_name(signum: int) -> str:
     """Return the conventional name of ``signum`` ("SIGKILL"), or "signal N" if it has none."""
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        if signal.SIGRTMIN <= signum <= signal.SIGRTMAX:
-            return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
-        return f"signal {signum}"
+    name = _SIGNAL_NAMES.get(signum)
+    if name is not None:
+        return name
+    if signal.SIGRTMIN <= signum <= signal.SIGRTMAX:
+        return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
+    return f"signal {signum}"
 
 
 def describe_exit(exitcode: int) -> tuple[str, str | None]:

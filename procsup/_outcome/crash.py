@@ -156,10 +156,17 @@ def describe(
 
 
 def annotate(
-    error: TaskCrashedError, info: ExitInfo | None, started: float, tap: StderrRecord | None
+    error: TaskCrashedError,
+    info: ExitInfo | None,
+    started: float,
+    tap: StderrRecord | None,
+    ended: float | None = None,
 ) -> None:
-    """Fill in the crash record of ``error`` and add notes with the numbers and the stderr tail."""
-    error.wall_time = time.monotonic() - started
+    """Fill in the crash record of ``error`` and add notes with the numbers and the stderr tail.
+
+    ``started``, ``ended``: ``time.monotonic()`` at the start and at the reaping (None: now).
+    """
+    error.wall_time = (time.monotonic() if ended is None else ended) - started
     if info is not None:
         error.core_dumped = info.core_dumped
         error.peak_rss = info.peak_rss

@@ -8,7 +8,8 @@
                                              (PR_SET_PDEATHSIG=SIGKILL: it dies with us;
                                               spawn start method: a fork that execs python)
     Guard(shim pidfd, Ward) ─────────────▶ a fork task: watch its shim's pidfd
-    status pipe ◀── raw status + rusage ─── SIGCHLD ▶ wait4 ▶ reap()
+    status pipe ◀── raw status + rusage ─── SIGCHLD ▶ wait4 ▶ reap(), then close the task's held
+                                             write ends (result, stderr, logs: Spawn.held)
                                            a dead task's descendants reparent here: every child
                                              that is neither a task nor the spare is an orphan,
                                              SIGKILLed (tree and all) once its task's grace period
@@ -54,15 +55,16 @@ import os
 import signal
 import struct
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import psutil
 
 from procsup._os import tree as _contain
 from procsup._os.fds import drain, wait_readable
-from procsup._os.tree import Ladder, exit_info
+from procsup._os.tree import ExitInfo, Ladder
 
-__all__ = ["STATUS", "Guardian", "children", "decode_status"]
+__all__ = ["STATUS", "Guardian", "children", "decode_status", "encode_status"]
 
 # Raw wait status, peak RSS (bytes), CPU seconds: what a zygote task's status pipe carries.
 STATUS = struct.Struct("iqd")
@@ -70,24 +72,35 @@ _REAP_AFTER_KILL = 5.0  # seconds the guardian waits for SIGKILLed processes bef
 _ROUND = 0.1  # seconds between two rounds of orphan killing: new orphans send no SIGCHLD
 
 
-def decode_status(data: bytes) -> Any:
+def encode_status(status: int, usage: Any) -> bytes:
+    """What a status pipe carries for a child ``wait4`` returned (``usage``: its rusage)."""
+    # ru_maxrss is in KiB on Linux.
+    return STATUS.pack(status, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime)
+
+
+def decode_status(data: bytes) -> ExitInfo:
     """The ``ExitInfo`` a status pipe carried."""
     status, rss, cpu = STATUS.unpack(data)
-    info = exit_info(status, None)
-    return type(info)(info.exitcode, info.core_dumped, rss if rss >= 0 else None, cpu)
+    core = os.WIFSIGNALED(status) and os.WCOREDUMP(status)
+    return ExitInfo(os.waitstatus_to_exitcode(status), core, rss if rss >= 0 else None, cpu)
 
 
 class _Ward:
     """One task the guardian answers for. ``token`` is borrowed (None in a shim); ``fd`` is the
-    status pipe's write end (zygote tasks) or the pidfd of a fork task's shim."""
+    status pipe's write end (zygote tasks) or the pidfd of a fork task's shim; ``held``: our
+    copies of the write ends of a zygote task's pipes to the supervisor, closed once its status
+    is written (``messages.Spawn``)."""
 
-    __slots__ = ("fd", "grace", "pid", "token")
+    __slots__ = ("fd", "grace", "held", "pid", "token")
 
-    def __init__(self, pid: int, fd: int, token: Any, grace: float) -> None:
+    def __init__(
+        self, pid: int, fd: int, token: Any, grace: float, held: Sequence[int] = ()
+    ) -> None:
         self.pid = pid
         self.fd = fd
         self.token = token
         self.grace = grace
+        self.held = held
 
 
 class _Rung:
@@ -168,10 +181,13 @@ class Guardian:
 
     def fds(self) -> list[int]:
         """Every fd the guardian holds (a forked task closes them)."""
-        return [w.fd for w in [*self.children.values(), *self.watched.values()]]
+        held = [fd for w in self.children.values() for fd in w.held]
+        return [*held, *(w.fd for w in [*self.children.values(), *self.watched.values()])]
 
-    def add_child(self, pid: int, status_w: int, token: Any, grace: float) -> None:
-        self.children[pid] = _Ward(pid, status_w, token, grace)
+    def add_child(
+        self, pid: int, status_w: int, token: Any, grace: float, held: Sequence[int] = ()
+    ) -> None:
+        self.children[pid] = _Ward(pid, status_w, token, grace, held)
 
     def watch(self, pid: int, pidfd: int, token: Any, grace: float) -> None:
         """Answer for the fork task whose shim is ``pid``: its task's orphans are the shim's."""
@@ -205,12 +221,14 @@ class Guardian:
                 if deadline is not None:
                     deadlines.append(deadline)
                 continue
-            deadlines.append(now + ward.grace)
-            info = exit_info(status, usage)
-            rss = -1 if info.peak_rss is None else info.peak_rss
+            # The raw status and rusage as they are (the supervisor decodes them): the write
+            # is on the path from a crash to the parent token's cancellation.
             with contextlib.suppress(OSError):  # EPIPE: the supervisor is gone
-                os.write(ward.fd, STATUS.pack(status, rss, info.cpu_time or 0.0))
+                os.write(ward.fd, encode_status(status, usage))
             os.close(ward.fd)
+            for fd in ward.held:  # after the status: the thread it wakes sees no EOF first
+                os.close(fd)
+            deadlines.append(now + ward.grace)
             reported += 1
         if deadlines:
             self._doom(self._orphans(), max(deadlines))

@@ -180,6 +180,9 @@ class Spawn:
         ward: Set if the zygote must cancel the task's token when the supervisor dies.
         fresh: The spawn start method: the child execs a fresh interpreter; never a spare.
         stderr: The task's stderr pipe, made the child's fd 2 before anything is unpickled.
+        held: The task fds that are write ends of its pipes to the supervisor (result, stderr,
+            logs): the zygote keeps its copies until it has written the task's status, so that
+            the task's exit closes none of them (``procsup._supervision.launch``).
     """
 
     preload: tuple[str, ...]
@@ -187,6 +190,7 @@ class Spawn:
     ward: Ward | None
     fresh: bool
     stderr: FdRef | None
+    held: tuple[FdRef, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,7 @@ import contextlib
 import multiprocessing.connection
 import os
 import pickle
+import resource
 import selectors
 import signal
 import socket
@@ -91,9 +92,8 @@ from typing import Any, NoReturn, cast
 from procsup._os import proc as _platform
 from procsup._os.fds import drain, recv_fds, send_fds, wait_readable
 from procsup._os.forking import Hook, Hooks
-from procsup._os.tree import exit_info
 from procsup._process.entry import main, prepare_zygote, warm
-from procsup._process.guardian import STATUS, Guardian
+from procsup._process.guardian import Guardian, encode_status
 from procsup._process.messages import (
     FdRef,
     Guard,
@@ -122,10 +122,12 @@ _SPARE_DELAY = 0.005
 
 
 _HELD = {signal.SIGTERM, signal.SIGHUP}  # blocked in the zygote, unblocked in its children
-_REHEARSAL_STATUS = (0, 0, 0.0)  # a status as the guardian writes one, for ``rehearse_reap``
+# A child's rusage as wait4 returns one, for ``rehearse_reap``.
+_REHEARSAL_USAGE = resource.struct_rusage((0.0, 0.0) + (0,) * 14)
 # A Spawn as a supervisor sends one, for ``_rehearse``.
 _REHEARSAL = pickle.dumps(
-    Spawn(("",), b"", Ward(0.0, b"", FdRef(0), 0, 0), False, FdRef(0)), pickle.HIGHEST_PROTOCOL
+    Spawn(("",), b"", Ward(0.0, b"", FdRef(0), 0, 0), False, FdRef(0), (FdRef(1), FdRef(2))),
+    pickle.HIGHEST_PROTOCOL,
 )
 
 
@@ -185,7 +187,11 @@ class _Server:
             if self.spare_due is not None:
                 left = max(0.0, self.spare_due - time.monotonic())
                 timeout = left if timeout is None else min(timeout, left)
-            for key, _ in self.selector.select(timeout):
+            ready = self.selector.select(timeout)
+            # A task's death first: its status is on the path from a crash to the parent token's
+            # cancellation, and a request or the wake-up pipe's drain can wait a few microseconds.
+            reported = guardian.reap()
+            for key, _ in ready:
                 if key.fileobj is self.sock:
                     pidfd = self.serve_request()
                     if pidfd is None:
@@ -201,7 +207,7 @@ class _Server:
                     assert isinstance(key.fileobj, int)
                     self.selector.unregister(key.fileobj)
                     guardian.watched_exited(key.fileobj)
-            reported = guardian.reap()
+            reported += guardian.reap()  # what exited meanwhile (the drained wake-ups')
             if self.spare is not None and self.spare.pid not in guardian.spares:
                 self.drop_spare(kill=False)  # it died idle (reaped): replaced after the next start
             guardian.kill_due()
@@ -282,8 +288,11 @@ class _Server:
                 self.reply(StartFailed(str(exc)))
                 return
             self.reply(pid)
-        self.guardian.add_child(pid, status_w, token, grace)  # before the next reap
-        _close_unkept(task_fds)
+        # The write ends of its pipes to the supervisor stay open here until its status is
+        # written: its exit then closes none of them (``messages.Spawn.held``).
+        held = [task_fds[ref.index] for ref in request.held]
+        self.guardian.add_child(pid, status_w, token, grace, held)  # before the next reap
+        _close_unkept(task_fds, held)
 
     def take_spare(self) -> _Spare | None:
         """The spare, unless there is none or it has exited (then the guardian reaps it)."""
@@ -352,8 +361,7 @@ class _Server:
         self.selector.select(0)
         drain(self.wake_r)
         self.guardian.reap()
-        STATUS.pack(*_REHEARSAL_STATUS)
-        exit_info(0, None)
+        encode_status(0, _REHEARSAL_USAGE)
 
     def fork_task(self, request: Spawn, status_w: int, task_fds: list[int]) -> int:
         close = [*self.own(), status_w, *self.guardian.fds()]
@@ -494,9 +502,10 @@ def _borrow(ward: Ward, fds: Sequence[int]) -> tuple[CancellationToken, int]:
     return token, -1 if Arena._registry[ward.key].fd == fd else fd
 
 
-def _close_unkept(fds: list[int]) -> None:
-    """Close our copies of a task's fds, but not one the zygote adopted as an arena's."""
-    kept = {arena.fd for arena in Arena._registry.values()}
+def _close_unkept(fds: list[int], held: Sequence[int] = ()) -> None:
+    """Close our copies of a task's fds, but not one the zygote adopted as an arena's, nor those
+    ``held`` (the guardian's to close)."""
+    kept = {arena.fd for arena in Arena._registry.values()}.union(held)
     for fd in fds:
         if fd not in kept:
             os.close(fd)

@@ -17,7 +17,9 @@
                                                                load_payload, target(*args), _exit
                                                       (no spare: fork ──▶ child: the same)
     sentinel = r: readable when the zygote ◀──────── SIGCHLD ▶ waitpid ▶ write the exit code,
-      has reaped the task (or died itself)              close that task's status write end
+      has reaped the task (or died itself)              close that task's status write end,
+                                                        then the write ends of its pipes to
+                                                        the supervisor it held (Spawn.held)
 
 The messages and the fds each carries are in ``procsup._process.messages``.
 
@@ -154,7 +156,9 @@ class _LeanProcess:
         return None if self.info is None else self.info.exitcode
 
     def join(self, timeout: float | None = None) -> None:
-        if self.info is None and wait_readable([self.sentinel], timeout):
+        # Without a timeout, the read itself waits (the status pipe blocks): no poll first, which
+        # the supervision thread would pay on the way from a crash to the parent's cancellation.
+        if self.info is None and (timeout is None or wait_readable([self.sentinel], timeout)):
             self.info = self._collect()
 
     def is_alive(self) -> bool:
@@ -322,6 +326,7 @@ class ZygoteProcess(_LeanProcess):
         fresh: bool = False,
         stderr: int = -1,
         by_value: bool = False,
+        held: Sequence[int] = (),
     ) -> None:
         super().__init__(target, args, name)
         self._preload = tuple(preload)
@@ -332,6 +337,8 @@ class ZygoteProcess(_LeanProcess):
         # An fd among those ``args`` pickle: the child makes it its fd 2 before it imports or
         # unpickles anything, so a failure there reaches the task's stderr tail too.
         self._stderr = stderr
+        # Fds among those ``args`` pickle that the zygote keeps open until it reaps the task.
+        self._held = tuple(held)
 
     def start(self) -> None:
         buffer = io.BytesIO()
@@ -349,6 +356,7 @@ class ZygoteProcess(_LeanProcess):
             multiprocessing.context.set_spawning_popen(None)
         payload = buffer.getbuffer()
         stderr = FdRef(self._fds.index(self._stderr)) if self._stderr in self._fds else None
+        held = tuple(FdRef(self._fds.index(fd)) for fd in self._held if fd in self._fds)
         if self._fresh:
             # What multiprocessing's spawn sends its child, plus the interpreter (with this one's
             # -O, -X, -W flags, as multiprocessing passes them) and environment to exec: the
@@ -374,7 +382,7 @@ class ZygoteProcess(_LeanProcess):
             read_end, write_end = os.pipe2(os.O_CLOEXEC)
             try:
                 self.pid = zygote.spawn(
-                    self._preload, payload, [write_end, *self._fds], ward, self._fresh, stderr
+                    self._preload, payload, [write_end, *self._fds], ward, self._fresh, stderr, held
                 )
             except BaseException:
                 os.close(read_end)
@@ -467,6 +475,7 @@ class _Zygote:
         ward: Ward | None,
         fresh: bool,
         stderr: FdRef | None,
+        held: tuple[FdRef, ...] = (),
     ) -> int:
         """Have the zygote start a task (``fds``: the status pipe's write end, then the task
         fds); return its pid."""
@@ -482,7 +491,9 @@ class _Zygote:
                 memfd = os.memfd_create("procsup-task", os.MFD_CLOEXEC)
                 write_all(memfd, payload)
                 fds = [*fds, memfd]
-            request = Spawn(tuple(preload), None if big else bytes(payload), ward, fresh, stderr)
+            request = Spawn(
+                tuple(preload), None if big else bytes(payload), ward, fresh, stderr, held
+            )
             reply = self._call(request, fds)
         finally:
             if memfd >= 0:

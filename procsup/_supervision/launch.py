@@ -13,11 +13,24 @@
             the call is pickled by reference, or by value where it must be (lambdas, closures,
             __main__: procsup._process.reduction); nothing is pickled under fork
             a pickle that fails ─▶ TypeError naming the task and the piece that fails alone
-        close our copies of the child's ends; fork tasks: the zygote guards their shim too
+        close our copies of the child's ends (the zygote keeps its own until the task is
+        reaped: ``held``); fork tasks: the zygote guards their shim too
         TaskRecord ─▶ Monitor.add()  (procsup._supervision.monitor)
 
 The run's token (``spec.token``) is made by the caller before the start (seed C3/C4: a task whose
 parent is already cancelled starts cancelled).
+
+Things that don't work
+----------------------
+- Letting the task's exit close the last write end of its pipes to us (result, stderr, logs),
+  as every start method once did: each close woke the supervision thread (an EOF: three wake-ups
+  a death) while the dying task still had its exit to finish, and on a busy machine, with both on
+  one CPU, each wake-up preempted it: ~100 us more before the zygote could report the death
+  (ftrace, SIGKILL to the parent's wake-up). Nothing waits for those EOFs (a grandchild may hold
+  any of these pipes), so the zygote keeps its copies of the write ends (``held``) until it has
+  written the task's status, and the death wakes the thread once. Holding them here instead
+  costs the supervisor three fds a live task (4 to 7); in the zygote, 1 to 4, no more than here.
+  A fork task's ends are not held (its exit closes them, as before).
 """
 
 from __future__ import annotations
@@ -77,10 +90,16 @@ def launch(config: LocalConfig, monitor: Monitor, spec: RunSpec) -> TaskRecord:
         stderr.forward, stderr.finish = stderr_printer.write, stderr_printer.close
     # The token goes last: if args fail to pickle, it was never handed to a child.
     target = Prepared(spec.task_fn, setup)
+    # The write ends of the child's pipes to us, which the zygote holds until the task is reaped.
+    assert stderr.child_end is not None  # until the start
+    held = [writer.fileno(), stderr.child_end.fileno(), setup.log.fileno()]
+    if setup.stdout is not None:
+        held.append(setup.stdout.fileno())
     proc = _process(
         config,
         spec,
         (target, tuple(spec.args), dict(spec.kwargs), writer, spec.token, stderr.child_end),
+        held,
     )
 
     def discard() -> None:  # the task's process (if any) killed and reaped, every fd closed
@@ -101,7 +120,7 @@ def launch(config: LocalConfig, monitor: Monitor, spec: RunSpec) -> TaskRecord:
             raise error from cause
         raise
     try:  # until the supervision thread has it, a Ctrl-C here must not leave the task running
-        writer.close()  # so the child holds the only write end we know of
+        writer.close()  # so the child holds the only write end we know of (and the zygote)
         stderr.close_child_end()
         setup.close()
         os.set_blocking(reader.fileno(), False)
@@ -126,9 +145,10 @@ def launch(config: LocalConfig, monitor: Monitor, spec: RunSpec) -> TaskRecord:
 
 
 def _process(
-    config: LocalConfig, spec: RunSpec, args: tuple[Any, ...]
+    config: LocalConfig, spec: RunSpec, args: tuple[Any, ...], held: list[int]
 ) -> ForkProcess | ZygoteProcess:
-    """A not yet started process that will run ``entry.main(*args)``."""
+    """A not yet started process that will run ``entry.main(*args)``; ``held``: fds among
+    ``args`` that the zygote keeps open until it has reaped the task."""
     name = f"procsup: {spec.description}"
     # For the zygote: the token it cancels if we die, the grace it gives, the task's stderr pipe.
     token, stderr, grace = args[4], args[5].fileno(), config.grace
@@ -151,6 +171,7 @@ def _process(
             grace=grace,
             stderr=stderr,
             by_value=value,
+            held=held,
         )
     preload = [*config.preload, *needs]
     if value:  # a by-value payload names cloudpickle's helpers: import them once, there
@@ -167,6 +188,7 @@ def _process(
         grace=grace,
         stderr=stderr,
         by_value=value,
+        held=held,
     )
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "lock_is_free",
     "node",
     "prune",
+    "waited_on",
 ]
 
 T = TypeVar("T")
@@ -379,6 +380,12 @@ def lock_is_free(token: CancellationToken) -> bool:
     and a process stopped while holding it would stall the thread until it runs again.
     """
     return token._arena.settle()
+
+
+def waited_on(token: CancellationToken) -> bool:
+    """Whether anybody, in any process, has ever waited on ``token`` (its ``hint``): only then can
+    its cancellation wake a thread."""
+    return bool(token._words[token._word + HINT])
 
 
 def prune(token: CancellationToken) -> None:
