@@ -236,3 +236,16 @@ def current_is_mine(token: CancellationToken) -> bool:
 def surroundings(token: CancellationToken) -> tuple[str, list[str]]:
     """The task's working directory and ``sys.argv``."""
     return os.getcwd(), sys.argv
+
+
+def environment(token: CancellationToken, *names: str) -> list[str | None]:
+    """Each variable of the task's environment named, as ``os.environ`` and the C library
+    (``getenv``, which a native library reads) see it; None where it is unset."""
+    libc = ctypes.CDLL(None)
+    libc.getenv.restype = ctypes.c_char_p
+    seen: list[str | None] = []
+    for name in names:
+        native = libc.getenv(name.encode())
+        assert os.environ.get(name) == (None if native is None else native.decode())
+        seen.append(os.environ.get(name))
+    return seen

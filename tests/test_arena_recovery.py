@@ -30,6 +30,7 @@ from procsup._token.arena import (
     SLOT_WORDS,
     Arena,
 )
+from procsup._token.token import renew
 
 
 def die_in(method: str, action: Callable[[], object], setup: Callable[[], object] = list) -> None:
@@ -129,6 +130,39 @@ def small_arena(monkeypatch: pytest.MonkeyPatch) -> Iterator[Arena]:
     yield arena
     gc.collect()  # every token of this arena is gone before its fd is
     os.close(fd)
+
+
+def test_renew_makes_children_and_gives_back_spent_references(small_arena: Arena) -> None:
+    """Test that renew() (an executor worker's per-item step) makes one child of each parent,
+    then gives back what the spent tokens held: a spent node kept alive by a child made here
+    lives on, one nobody else holds is freed, and a spent handle reads as cancelled once its
+    node is gone, and gives nothing back a second time when dropped."""
+    root = CancellationToken()
+    named, old = root.child_token(), root.child_token()
+    ahead, started = renew((root, named), (named, old))
+    assert sorted(children(root)) == sorted([named._slot, ahead._slot])
+    assert children(named) == [started._slot]
+    assert small_arena.words[named._word + _REFS] == 1  # only ``started`` holds it now
+    assert old.is_cancelled()
+    assert not named.is_cancelled()
+    del old, named
+    gc.collect()
+    assert small_arena.words[root._word + _REFS] == 3  # itself, ahead and named
+    root.cancel("done")
+    assert started.cause == "done"
+    assert ahead.cause == "done"
+
+
+def test_renew_that_runs_out_of_slots_gives_nothing_back(small_arena: Arena) -> None:
+    """Test that a renew() which cannot make every child raises, leaks no slot, and leaves the
+    spent tokens holding their references."""
+    root = CancellationToken()
+    tokens = [root.child_token() for _ in range(6)]
+    with pytest.raises(RuntimeError, match="more than 8 live tokens"):
+        renew((root, root), (tokens[0],))
+    assert small_arena.words[root._word + _REFS] == 7  # itself and its 6 children
+    assert not tokens[0].is_cancelled()
+    assert sorted(children(root)) == sorted(t._slot for t in tokens)
 
 
 def test_running_out_of_token_slots(small_arena: Arena) -> None:

@@ -33,6 +33,7 @@ from procsup._token.token import borrow_args
 WARD = Ward(2.5, b"k" * 16, FdRef(0), 3, 5)
 MESSAGES = [
     Sync(["/a", "/b"], ["script.py", "-v"], "/tmp"),
+    Sync(["/a"], ["script.py"], "/", {b"CUDA_VISIBLE_DEVICES": b"1", b"\xff": b"\xfe"}),
     Synced(),
     Preload(("json", "tests.tasks")),
     Preloaded((("missing", "ModuleNotFoundError: No module named 'missing'"),)),

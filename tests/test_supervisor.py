@@ -263,17 +263,24 @@ def test_monitor_lost(runtime: Supervisor, monkeypatch: pytest.MonkeyPatch) -> N
     task.release()
 
 
-def test_a_task_sees_the_directory_and_argv_of_its_start(
+def test_a_task_sees_the_directory_argv_and_environment_of_its_start(
     runtime: Supervisor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Test that a task runs in its supervisor's working directory and sees its ``sys.argv`` as
-    they are when it starts, not as they were when the zygote started (forkserver), under every
-    start method, as multiprocessing prepares its children."""
+    """Test that a task runs in its supervisor's working directory and sees its ``sys.argv``
+    and environment as they are when it starts, not as they were when the zygote started
+    (forkserver), under every start method: a variable set before ``spawn()`` is there, one
+    deleted is gone, for ``os.environ`` and the C library alike."""
     assert runtime.spawn(tasks.surroundings, "before").join(DEADLINE) == (os.getcwd(), sys.argv)
+    monkeypatch.setenv("PROCSUP_TEST_GONE", "here")
+    names = ("PROCSUP_TEST_DEVICES", "PROCSUP_TEST_GONE")
+    assert runtime.spawn(tasks.environment, "env", args=names).join(DEADLINE) == [None, "here"]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["service.py", "--config", "prod.toml"])
+    monkeypatch.setenv("PROCSUP_TEST_DEVICES", "1")
+    monkeypatch.delenv("PROCSUP_TEST_GONE")
     seen = runtime.spawn(tasks.surroundings, "after").join(DEADLINE)
     assert seen == (str(tmp_path), ["service.py", "--config", "prod.toml"])
+    assert runtime.spawn(tasks.environment, "env", args=names).join(DEADLINE) == ["1", None]
 
 
 @pytest.mark.parametrize(("how", "exitcode"), [("return", 0), ("raise", 1), ("0", 0), ("3", 3)])

@@ -18,7 +18,9 @@
                        ◀── SKIPPED [kind, id, node][frame]  the node was cancelled before the
                                                           start (taken back, or cancelled)
                        ◀── STARTED [kind, id, 0][frame]  or it runs now: if the worker dies
-                                                          before DONE, this item killed it
+                                                          before DONE, this item killed it (in
+                                                          one write with the DONE before it
+                                                          when this item was in hand by then)
                        ◀── DONE [kind, id, node][frame]  frame: procsup._outcome.remote's, as a
                                                           task sends it (R value | E error)
     QUIT [kind, 0, 0] ───────────────────────────────────▶ after the items before it: return

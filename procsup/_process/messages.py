@@ -5,7 +5,7 @@
     supervisor (``zygote._Zygote``)            zygote (``server._Server``)          spare or child
     ───────────────────────────────            ───────────────────────────          ──────────────
     one AF_UNIX SOCK_SEQPACKET socket; a request is one datagram, fds as SCM_RIGHTS; in order
-    Sync(path, argv, cwd) ───────────────────▶ take them, drop the spare
+    Sync(path, argv, cwd, env) ──────────────▶ take them, drop the spare
                    ◀────────────────────────── Synced()
     Preload(names) ──────────────────────────▶ import them
                    ◀────────────────────────── Preloaded(failed)
@@ -149,14 +149,17 @@ class Ward:
 
 @dataclass(frozen=True)
 class Sync:
-    """Give the zygote the supervisor's ``sys.path``, ``sys.argv`` and working directory, as
-    multiprocessing's forkserver prepares each child from its parent: a task module may be
-    importable only through a new ``sys.path`` entry, and a task may read a relative path or its
-    ``sys.argv``. Reply: ``Synced``."""
+    """Give the zygote the supervisor's ``sys.path``, ``sys.argv``, working directory and
+    environment (``env``, as ``os.environb`` holds it; None: unchanged), as multiprocessing's
+    forkserver prepares each child from its parent, and more: a task module may be importable
+    only through a new ``sys.path`` entry, a task may read a relative path or its ``sys.argv``,
+    and a variable set before ``spawn()`` (``CUDA_VISIBLE_DEVICES``, say) is meant for the task.
+    Reply: ``Synced``."""
 
     path: list[str]
     argv: list[str]
     cwd: str
+    env: dict[bytes, bytes] | None = None
 
 
 @dataclass(frozen=True)

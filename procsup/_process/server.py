@@ -229,9 +229,13 @@ class _Server:
                     os.close(redundant)
                 self.guardian.watch(pid, fds[0], token, ward.grace)
                 return fds[0]
-            case Sync(path=path, argv=argv, cwd=cwd):
+            case Sync(path=path, argv=argv, cwd=cwd, env=env):
                 sys.path[:] = path
                 sys.argv[:] = argv
+                if env is not None:  # putenv and unsetenv too: a forked task's C library sees it
+                    for name in [name for name in os.environb if name not in env]:
+                        del os.environb[name]
+                    os.environb.update(env)
                 with contextlib.suppress(OSError):  # not ours to enter: the task will find out
                     os.chdir(cwd)
                 self.drop_spare(kill=False)  # it has the old ones; the next start forks afresh

@@ -12,9 +12,12 @@
                ◀────── READY(node), NODE(node)...  or INIT_FAILED (its traceback), then return
     dispatch = borrow_node(a named node)
     ITEM(id, call) ───────────────────────────────▶  node = upcoming.popleft(); one more made
-                                                      started = node.child_token()
+                                                      started = node.child_token(), in one
+                                                        lock hold with the one made ahead
                                                         born cancelled: SKIPPED, not run
-               ◀──── STARTED(id)                     current_token() is started
+               ◀──── STARTED(id)                     (after the last item's DONE, in one write,
+                                                        if this item was in hand as that ended)
+                                                      current_token() is started
                                                       outcome = fn(*args, **kwargs)
                ◀──── DONE(id, the new node, outcome frame)
     ...                                               (the next item: it may be in the pipe)
@@ -44,7 +47,13 @@ Things that don't work
 - Knowing what a dead worker was running from what it had read of its pipe (FIONREAD): a
   worker killed while idle, with the SIGKILL still pending, may yet complete the read of an
   item sent to it, then die without running it. Only the worker can say it starts an item:
-  STARTED, one small write per item.
+  STARTED, written before the item runs. When the next item is already in hand as one ends,
+  the ended item's DONE waits for that STARTED (one lock hold, microseconds), and both go in
+  one write: a write and a wake-up of the executor less per item when items queue. A worker
+  killed in that gap has its last item reported as crashed, as it would be if killed between
+  the item's return and its DONE.
+- Four arena lock holds per item (two ``child_token()`` calls, two drops): ~14 us of a trivial
+  item's ~32 us here, measured. ``renew()`` does the four in one hold: ~9 us.
 - Sending an item's outcome over the run's own result pipe: the supervision thread reads that
   pipe for the run's one outcome frame and ignores what follows. Items have their own pipe.
 - EOF on the tasks pipe as the only way to stop: under the fork start method every worker is a
@@ -75,7 +84,7 @@ from procsup._process import items
 from procsup._process.reduction import loads_sharing_main
 from procsup._process.setup import over_limit
 from procsup._token.current import set_current_token
-from procsup._token.token import CancellationToken, node
+from procsup._token.token import CancellationToken, node, renew
 
 __all__ = ["WorkerConfig", "run_chunk", "serve"]
 
@@ -106,11 +115,9 @@ async def _await(aw: Awaitable[T]) -> T:
     return await aw
 
 
-def _reply(
-    fd: int, kind: int, item_id: int, upcoming: CancellationToken | None, frame: bytes
-) -> None:
+def _reply(kind: int, item_id: int, upcoming: CancellationToken | None, frame: bytes) -> bytes:
     slot, live = (0, 0) if upcoming is None else node(upcoming)
-    write_all(fd, items.PREFIX.pack(kind, item_id, slot, live) + frame)
+    return items.PREFIX.pack(kind, item_id, slot, live) + frame
 
 
 def _run(call: bytes, memory_limit: int | None) -> bytes:
@@ -197,9 +204,9 @@ def _serve(
             initializer: Callable[..., object] = loads_sharing_main(config.initializer)
             initializer(*initargs)
         except BaseException as exc:  # noqa: BLE001 - reported, then this worker ends
-            _reply(wfd, items.INIT_FAILED, 0, None, encode_error(exc))
+            write_all(wfd, _reply(items.INIT_FAILED, 0, None, encode_error(exc)))
             return
-    upcoming = collections.deque(token.child_token() for _ in range(config.depth))
+    upcoming = collections.deque(renew((token,) * config.depth))
     kinds = [items.READY] + [items.NODE] * (config.depth - 1)
     write_all(  # one write: the executor reads them in one wake-up
         wfd,
@@ -209,36 +216,90 @@ def _serve(
         ),
     )
     recent: collections.deque[CancellationToken] = collections.deque(maxlen=config.depth)
-    stream = open(rfd, "rb", closefd=False)  # noqa: SIM115 - lives as long as this loop
-    size = items.REQUEST.size
-    with contextlib.closing(stream):
-        while True:
-            head = stream.read(size)
-            if len(head) < size:
-                return  # EOF: the executor is gone
-            kind, item_id, length = items.REQUEST.unpack(head)
-            if kind == items.QUIT:
-                return
-            call = stream.read(length)
-            if len(call) < length:
-                return
-            named = upcoming.popleft()
-            upcoming.append(token.child_token())
-            started = named.child_token()  # the start: from here, it cannot be taken back
-            recent.append(started)
-            del named
-            if started.is_cancelled():  # taken back, or cancelled, before it started
-                _reply(wfd, items.SKIPPED, item_id, upcoming[-1], items.NO_FRAME)
-                continue
-            _reply(wfd, items.STARTED, item_id, None, items.NO_FRAME)  # if we die now: it did
-            set_current_token(started)
-            try:
-                frame = _run(call, config.memory_limit)
-            finally:
-                set_current_token(token)
-            del call, started
-            _reply(wfd, items.DONE, item_id, upcoming[-1], frame)
-            del frame
+    inbox = _Inbox(rfd)
+    out = b""  # replies not written yet: they go with the next STARTED, or before we block
+    while True:
+        if out and not inbox.in_hand():
+            write_all(wfd, out)
+            out = b""
+        request = inbox.take()
+        if request is None or request[0] == items.QUIT:  # EOF (the executor is gone), or QUIT
+            if out:
+                write_all(wfd, out)
+            return
+        _, item_id, call = request
+        named = upcoming.popleft()
+        # The start: from here, the item cannot be taken back. One lock hold makes the next
+        # node ahead and ``started``, and gives back ``named`` (``started`` keeps it) and the
+        # ``started`` of ``depth`` items ago, which ``recent`` lets go of here.
+        spent = (named, recent[0]) if len(recent) == config.depth else (named,)
+        ahead, started = renew((token, named), spent)
+        upcoming.append(ahead)
+        recent.append(started)
+        del named, spent, request
+        if started.is_cancelled():  # taken back, or cancelled, before it started
+            out += _reply(items.SKIPPED, item_id, ahead, items.NO_FRAME)
+            continue
+        write_all(wfd, out + _reply(items.STARTED, item_id, None, items.NO_FRAME))  # if we die
+        out = b""  # now: it did
+        set_current_token(started)
+        try:
+            frame = _run(call, config.memory_limit)
+        finally:
+            set_current_token(token)
+        del call, started
+        out = _reply(items.DONE, item_id, ahead, frame)
+        del frame, ahead
+        if len(out) > _CHUNK:  # not worth a copy to save a syscall
+            write_all(wfd, out)
+            out = b""
+
+
+class _Inbox:
+    """The tasks pipe, read in large chunks, so that the loop knows without a syscall whether
+    the next request is already in hand (then the last item's DONE waits to go with its
+    STARTED, in one write)."""
+
+    __slots__ = ("_at", "_data", "_fd")
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._data = bytearray()
+        self._at = 0
+
+    def in_hand(self) -> bool:
+        have = len(self._data) - self._at
+        if have < items.REQUEST.size:
+            return False
+        length: int = items.REQUEST.unpack_from(self._data, self._at)[2]
+        return have >= items.REQUEST.size + length
+
+    def _fill(self, need: int) -> bool:
+        """Have ``need`` bytes unread, blocking; False at end of file."""
+        while (have := len(self._data) - self._at) < need:
+            if self._at:  # keep only what is unread
+                del self._data[: self._at]
+                self._at = 0
+            chunk = os.read(self._fd, max(_CHUNK, need - have))
+            if not chunk:
+                return False
+            self._data += chunk
+        return True
+
+    def take(self) -> tuple[int, int, bytes] | None:
+        """The next request ``(kind, item id, call)``, blocking; None at end of file."""
+        size = items.REQUEST.size
+        if not self._fill(size):
+            return None
+        kind, item_id, length = items.REQUEST.unpack_from(self._data, self._at)
+        if not self._fill(size + length):
+            return None
+        start = self._at + size
+        self._at = start + length
+        return kind, item_id, bytes(self._data[start : self._at])
+
+
+_CHUNK = 65536
 
 
 def run_chunk(fn: Callable[..., T], chunk: list[tuple[Any, ...]]) -> list[T]:

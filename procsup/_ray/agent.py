@@ -9,9 +9,10 @@
     start(StartRequest, pickled) ─▶ token = root.child_token() (born cancelled if asked)
                                     LocalBackend.start(RunSpec): the node's zygote forks the task
                                       (by reference; by value through procsup._ray.entry)
-                                    a task whose last run here ended within _QUICK: wait up to
-                                      that long for this run's outcome (the supervision thread
-                                      hands it over), so that one message carries both
+                                    a task one of whose last _RECENT runs here ended within
+                                      _QUICK: wait up to that long for this run's outcome (the
+                                      supervision thread hands it over), so that one message
+                                      carries both
     ◀── Started(pid, outcome?) ────
     outcomes(acked) long poll ────▶ the runs ended (the node's supervision thread reaped,
     ◀── [(seq, id, Outcome | ──────   classified, recorded the crash: encode()) and the stops
@@ -37,10 +38,10 @@ Invariants (under ``_lock``): ``_runs`` holds every started run whose outcome is
 ``_outbox`` every encoded outcome and every done stop the driver has not acknowledged, in ``seq``
 order; ``_early`` the causes of cancellations that arrived before their run's start; ``_gone`` the
 most recent ended run ids, so a late cancellation is dropped, not kept as early; ``_discarded``
-the starts the driver gave up on before they came; ``_took`` how long the last run of each task
-function took (for ``_QUICK``); ``_lost`` is None until the fail-safe fired, then why (no start
-after it). A run's ``waiter`` is set while its start waits for its outcome: the supervision
-thread hands the outcome to it then, not to the outbox.
+the starts the driver gave up on before they came; ``_quick`` which of the last ``_RECENT`` runs
+of each task function ended within ``_QUICK`` (a bit each, the latest lowest); ``_lost`` is None
+until the fail-safe fired, then why (no start after it). A run's ``waiter`` is set while its start
+waits for its outcome: the supervision thread hands the outcome to it then, not to the outbox.
 
 Things that don't work
 ----------------------
@@ -50,6 +51,17 @@ Things that don't work
 - A pending ``outcome(run id)`` call per run: each start then submits two calls, and the second
   costs the driver about as much as the first. One long poll per agent carries every outcome that
   did not ride its start's answer.
+- Letting the last run alone say whether a task is quick: on a loaded machine a trivial task's
+  run now and then takes longer than ``_QUICK`` (the load, not the task), and the start after it
+  then answered at once and sent its outcome on the poll, the second message. With the last
+  three runs deciding, 0.8-1.2% of a trivial task's starts did not carry their outcome, against
+  2.4-5.6% (two runs of 250, alternated in one cluster, at a load of about 8; the median start to
+  result 0.18-0.20 ms lower). A task that turned slow costs at most ``_RECENT`` starts a wait of
+  ``_QUICK`` in vain.
+- Answering as soon as the result frame is read, before the zygote reports the exit: it would
+  spare the wait from the frame to the reaping (0.3-0.7 ms here), but ``join()`` would return
+  before the process is reaped and without its exit code, which a local ``Supervisor`` never
+  does (``procsup._supervision.monitor``).
 - An asyncio actor: each call hops from Ray's task thread to the actor's event loop and back, and
   an outcome from the supervision thread to the loop: measured 0.13-0.22 ms of a start here.
 - A ``stopped(stop id)`` call per stop, waiting for its ladder: it holds one of a threaded actor's
@@ -72,7 +84,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
-import math
 import os
 import pickle
 import socket
@@ -111,9 +122,11 @@ CALLS = 16  # threads for starts (the default group): each waits up to _QUICK, a
 GROUPS = {"control": 4, "poll": 2}  # stop, discard, facts, shutdown; the outcomes poll
 _BOOT_DEADLINE = 120.0  # seconds for the warm-up task (the zygote imports procsup and preload)
 _ENDED_KEPT = 4096  # ended run ids remembered, so a cancellation arriving late is dropped
-_QUICK = 0.005  # seconds: a task whose last run here took at most this has its start answered
-# once this run ends, if it ends within this long: one message to the driver, not two
-_TOOK_KEPT = 1024  # task functions whose last run time is remembered
+_QUICK = 0.005  # seconds: a task one of whose last _RECENT runs here took at most this has its
+# start answered once this run ends, if it ends within this long: one message to the driver, not two
+_RECENT = 3  # runs of a task function remembered for _QUICK
+_QUICK_KEPT = 1024  # task functions whose last runs are remembered
+_LAST_RUNS = (1 << _RECENT) - 1
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -174,7 +187,7 @@ class Agent:
         self._early: dict[str, str] = {}
         self._discarded: set[str] = set()
         self._gone: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._took: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._quick: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._lost: str | None = None
         self._closing = False
         self._poller: threading.Thread | None = None
@@ -284,7 +297,7 @@ class Agent:
             self._runs[run_id] = run
             discarded = run_id in self._discarded  # given up on while the zygote forked it
             self._discarded.discard(run_id)
-            if self._took.get(run.key, math.inf) <= _QUICK and not discarded:
+            if self._quick.get(run.key, 0) and not discarded:
                 waiter = run.waiter = concurrent.futures.Future()
         record.future.add_done_callback(functools.partial(self._done, run_id))
         if discarded:
@@ -330,10 +343,11 @@ class Agent:
             self._gone[run_id] = None
             while len(self._gone) > _ENDED_KEPT:
                 self._gone.popitem(last=False)
-            self._took[run.key] = time.monotonic() - run.began
-            self._took.move_to_end(run.key)
-            while len(self._took) > _TOOK_KEPT:
-                self._took.popitem(last=False)
+            quick = time.monotonic() - run.began <= _QUICK
+            self._quick[run.key] = ((self._quick.get(run.key, 0) << 1) | quick) & _LAST_RUNS
+            self._quick.move_to_end(run.key)
+            while len(self._quick) > _QUICK_KEPT:
+                self._quick.popitem(last=False)
             watched = run.watched
         if watched is not None:
             watched.cancel()

