@@ -52,8 +52,13 @@ T = TypeVar("T")
 
 # Items in a worker's pipe at once, the running one included (procsup._executor.pool). Measured
 # here, 2,000 trivial items on 2 workers: depth 1 ~11,500 items/s, 2 ~11,500, 4 ~18,000-22,800
-# (pebble's reused pool ~13,000-17,500 in the same runs); 8 gained nothing more.
-_DEPTH = 4
+# (pebble's reused pool ~13,000-17,500 in the same runs). Deeper pipes matter while items are
+# being submitted: the submitting thread holds the GIL, and the executor's thread gets it back
+# after each syscall only at the switch interval (5 ms), so what it hands out per turn is what
+# the workers have to run until its next turn. Per item against pebble, 2,000 items submitted at
+# once, 6 runs interleaved at a load of ~10: depth 4 0.81-0.97x, 16 0.52-0.96x, 32 0.50-0.72x,
+# 64 0.57-0.67x. A node is made ahead for each (two arena slots per item in the pipe).
+_DEPTH = 32
 
 
 class Executor(concurrent.futures.Executor):
