@@ -388,13 +388,14 @@ def test_run_in_executor_and_cancel_from_asyncio(make: MakeExecutor) -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        assert await loop.run_in_executor(executor, items.mul, 6, 7) == 42
+        product = loop.run_in_executor(executor, items.mul, 6, 7)
+        assert await asyncio.wait_for(product, DEADLINE) == 42
         running = loop.run_in_executor(executor, items.arrive_then_wait_for_cancel, 0, 1)
-        await signals[0].cancelled()
+        await asyncio.wait_for(signals[0].cancelled(), DEADLINE)
         running.cancel()
         with pytest.raises(asyncio.CancelledError):
             await running
-        await signals[1].cancelled()
+        await asyncio.wait_for(signals[1].cancelled(), DEADLINE)
 
     asyncio.run(main())
     assert "was cancelled" in (signals[1].cause or "")
@@ -931,15 +932,30 @@ def test_shutdown_kills_what_items_left_running(make: MakeExecutor) -> None:
 
 def test_an_executor_copied_by_fork_refuses_items(make: MakeExecutor) -> None:
     """Test that in a process forked from the executor's owner, submit raises RuntimeError
-    (its threads did not come along: the item would never run), and shutdown and cancelling a
-    copy of a running item's future do nothing; the owner's executor and item go on."""
+    (its threads did not come along: the item would never run), even when another thread held
+    the executor's lock at the fork, and shutdown and cancelling a copy of a running item's
+    future do nothing; the owner's executor and item go on."""
     signals = tokens(2)
     executor = make(2, initializer=items.remember, initargs=signals)
     assert executor.submit(items.mul, 2, 3).result(DEADLINE) == 6
     running = executor.submit(items.arrive_then_report_token, 0, 1)
     arrived(signals[0])
     reader, writer = os.pipe()
-    pid = os.fork()
+    held, forked = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:  # as the executor's thread does every turn
+        with executor._pool._lock:
+            held.set()
+            forked.wait(DEADLINE)
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    assert held.wait(DEADLINE)
+    try:
+        pid = os.fork()
+    finally:
+        forked.set()
+        holder.join(DEADLINE)
     if pid == 0:  # pragma: no cover - the child reports through the pipe
         code = 1
         try:

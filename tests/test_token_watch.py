@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 
@@ -122,6 +123,50 @@ def test_a_cancel_filed_as_a_request_is_seen(watch: TokenWatch) -> None:
         arena.unlock()
         canceller.join(DEADLINE)
     assert seen.causes == ["filed as a request"]
+
+
+class _FirstLookCancels:
+    """A token's words, which cancel the token right after the first look at its word: on the
+    watch's own thread, after it judged the token live and before it can go to sleep, so the
+    cancel's wake finds nobody asleep."""
+
+    def __init__(self, token: CancellationToken) -> None:
+        self._token = token
+        self._looked = False
+
+    def __getitem__(self, index: int) -> int:
+        value = self._token._words[index]
+        if index == self._token._word and not self._looked:
+            self._looked = True
+            self._token.cancel("between two looks")
+        return value
+
+    def __setitem__(self, index: int, value: int) -> None:
+        self._token._words[index] = value
+
+
+class _CancelledBetweenLooks:
+    """``token`` as a watch reads it, through ``_FirstLookCancels``."""
+
+    def __init__(self, token: CancellationToken) -> None:
+        self._token = token
+        self._arena, self._slot, self._live = token._arena, token._slot, token._live
+        self._word = token._word
+        self._words = cast(memoryview, _FirstLookCancels(token))
+
+    @property
+    def cause(self) -> str | None:
+        return self._token.cause
+
+
+def test_a_cancel_between_the_look_and_the_sleep_is_seen(watch: TokenWatch) -> None:
+    """Test that a token cancelled after the watch judged it live, its wake sent before the watch
+    sleeps, still calls back: the sleep is on the value judged, which no longer matches."""
+    token = CancellationToken()
+    seen = Seen()
+    watch.watch(_CancelledBetweenLooks(token), seen)
+    assert seen.wait(1)
+    assert seen.causes == ["between two looks"]
 
 
 def test_close_ends_every_thread(watch: TokenWatch) -> None:

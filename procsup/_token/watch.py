@@ -36,6 +36,10 @@ Things that don't work
   control word here), can say "leave" without that race.
 - ``futex_wait`` on one word after another: a cancellation of any other token waits for the one
   being slept on.
+- Sleeping on a word as read again after it was judged live: a ``cancel()`` between the two
+  looks has sent its wake before the sleep, and the kernel, finding the value it was given,
+  sleeps for good (``await token.cancelled()`` on a token another process cancelled once never
+  returned, in ~1,400 awaits on a loaded 2-core machine). The sleep is on the value judged.
 - Polling ``is_cancelled()``: a latency or a CPU cost, whichever the period trades for the other.
 
 Where the kernel has no ``futex_waitv`` (Linux < 5.16), each watch gets a thread of its own,
@@ -104,9 +108,9 @@ def _address(token: Watchable) -> int:
     return token._arena.address + token._word * 4
 
 
-def _state(token: Watchable) -> int:
-    """1 cancelled (or gone), 0 live, -1 PULL only: the arena must be asked."""
-    current = token._words[token._word]
+def _state(token: Watchable, current: int) -> int:
+    """What ``current``, a value of the token's word, says: 1 cancelled (or gone), 0 live, -1 PULL
+    only (the arena must be asked)."""
     if current == token._live:
         return 0
     return -1 if current & ~PULL == token._live else 1
@@ -192,13 +196,16 @@ class _Shard:
             fired, pulled = [], []
             for watched in entries:
                 token = watched.token
-                state = _state(token)
+                current = token._words[token._word]
+                state = _state(token, current)
                 if state == -1 and token._arena.pulled(token._slot, token._live)[0]:
                     state = 1
                 if state == 1:
                     fired.append(watched)
                     continue
-                words.append((_address(token), token._words[token._word]))
+                # Asleep while the word still reads what was judged, not what it reads by now: a
+                # cancel() between the two looks (its wake sent before we sleep) would be lost.
+                words.append((_address(token), current))
                 if state == -1:
                     pulled.append(watched)
             if fired:
@@ -241,7 +248,7 @@ class _Lone:
     def _run(self) -> None:
         token = self._watched.token
         while not self._left:
-            state = _state(token)
+            state = _state(token, token._words[token._word])
             if state == 0:
                 # Bounded: the token's word cannot be changed to say "leave", so a wake sent
                 # between our look at _left and this wait would be lost; a cancellation is not.
