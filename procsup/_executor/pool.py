@@ -122,6 +122,7 @@ class Pool(Handout):
         description: str,
     ) -> ItemFuture[Any]:
         """Queue ``fn(*args, **kwargs)``; see ``Executor.submit``."""
+        self._refuse_in_a_copy()  # before the lock: another thread may have held it at the fork
         item = Item(next(self._items), description, items.dumps_call(fn, args, kwargs))
         item.future = future = ItemFuture[Any](functools.partial(self._cancelled_by_user, item))
         with self._lock:
@@ -135,12 +136,14 @@ class Pool(Handout):
             self._start_for(item)
         return future
 
-    def _refuse(self) -> None:
-        """Under the lock: raise if no item may be submitted now."""
+    def _refuse_in_a_copy(self) -> None:
         if os.getpid() != self._pid:  # its threads did not come along: nothing would run it
             raise RuntimeError(
                 "a procsup.Executor cannot be used in a process forked from its owner"
             )
+
+    def _refuse(self) -> None:
+        """Under the lock: raise if no item may be submitted now."""
         if self._broken is not None:
             raise self._broken
         if self._closing:
@@ -237,6 +240,8 @@ class Pool(Handout):
 
     def counts(self) -> tuple[int, int]:
         """``(workers, items waiting)`` now, for ``repr``."""
+        if os.getpid() != self._pid:  # a copy: its lock may have been held at the fork
+            return 0, 0
         with self._lock:
             return self._live, len(self._queue)
 
