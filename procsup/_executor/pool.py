@@ -136,8 +136,14 @@ class Pool(Handout):
             self._start_for(item)
         return future
 
+    def _copied(self) -> bool:
+        """Whether this is a copy in a process forked from the owner: its threads did not come
+        along (nothing would run an item), its workers and items are the owner's, and its lock
+        may have been held at the fork (checked before taking it)."""
+        return os.getpid() != self._pid
+
     def _refuse_in_a_copy(self) -> None:
-        if os.getpid() != self._pid:  # its threads did not come along: nothing would run it
+        if self._copied():
             raise RuntimeError(
                 "a procsup.Executor cannot be used in a process forked from its owner"
             )
@@ -206,7 +212,7 @@ class Pool(Handout):
         worker marks a start under the arena lock, which carries out the cancel first). The rest
         (taking it back, or stopping it) is the thread's. A copy of the future in a forked child
         cancels nothing: the item and its node are the owner's."""
-        if os.getpid() != self._pid:
+        if self._copied():
             return
         dispatch = item.dispatch  # the thread's; a snapshot is enough (see _send)
         if dispatch is not None:
@@ -216,8 +222,8 @@ class Pool(Handout):
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         """Refuse new items; with ``cancel_futures``, cancel those not started; workers end once
         nothing waits. ``wait``: return once everything has ended (idempotent)."""
-        if os.getpid() != self._pid:
-            return  # a forked copy: the workers and threads are its owner's
+        if self._copied():
+            return
         with self._lock:
             self._closing = True
             thread, watcher, starter = self._thread, self._watcher, self._starter
@@ -240,7 +246,7 @@ class Pool(Handout):
 
     def counts(self) -> tuple[int, int]:
         """``(workers, items waiting)`` now, for ``repr``."""
-        if os.getpid() != self._pid:  # a copy: its lock may have been held at the fork
+        if self._copied():
             return 0, 0
         with self._lock:
             return self._live, len(self._queue)
