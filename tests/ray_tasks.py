@@ -115,3 +115,10 @@ def child_tokens(token: CancellationToken, fifo: str) -> str:
 def allocate(token: CancellationToken, size: int) -> int:
     """Allocate and touch ``size`` bytes: over a memory_limit, the allocation fails."""
     return len(bytearray(size))
+
+
+def append_pid(token: CancellationToken, path: str) -> int:
+    """Append its pid to ``path`` (one line per run: a run started twice shows twice)."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return os.getpid()

@@ -13,14 +13,18 @@ import os
 
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # before Ray starts: nothing leaves this machine
 
+import concurrent.futures
 import contextlib
 import json
 import select
 import signal
+import struct
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import psutil
@@ -34,6 +38,8 @@ from procsup import (
     TaskCrashedError,
     TaskFailedError,
 )
+from procsup._ray.channel import Channel, ChannelError
+from procsup._ray.records import AgentLink
 from procsup.ray import RaySupervisor
 from tests import ray_tasks
 from tests.conftest import foreign_processes, process_gone
@@ -420,6 +426,8 @@ def test_tasks_reports_each_node_s_processes(sup: RaySupervisor, fifo: Fifo) -> 
 DRIVER = """
 import sys, time
 import ray
+from procsup._ray.channel import Channel, ChannelError
+from procsup._ray.records import AgentLink
 from procsup.ray import RaySupervisor
 from tests import ray_tasks
 ray.init(address=sys.argv[1])
@@ -577,3 +585,150 @@ def test_a_dead_agent_is_replaced_and_limits_apply_on_the_node(sup: RaySuperviso
     with pytest.raises(TaskFailedError, match="MemoryError"):
         hungry.join(DEADLINE)
     assert parent.is_cancelled()
+
+
+# ------------------------------------------------------------ the direct channel
+
+
+def _link(sup: RaySupervisor, node_id: str) -> AgentLink:
+    """The driver's link to the node's agent (a start there booted it)."""
+    return sup._backend._agents[node_id]
+
+
+def _counts(link: AgentLink) -> dict[str, int]:
+    """The agent's starts by the door ("direct"), by Ray ("ray"), and second copies."""
+    counts: dict[str, int] = ray.get(link.actor.counts.remote(), timeout=DEADLINE)
+    return counts
+
+
+def _runs(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().split()]
+
+
+def test_starts_go_by_the_direct_channel(sup: RaySupervisor, nodes: Nodes, tmp_path: Path) -> None:
+    """Test that starts on a node, one after another and four at once, go by its agent's door,
+    not by Ray, each run once."""
+    path = tmp_path / "runs"
+    pids = [sup.spawn(ray_tasks.append_pid, "one", (str(path),), resources=SECOND).join(DEADLINE)]
+    pids += [sup.spawn(ray_tasks.append_pid, "one", (str(path),), resources=SECOND).join(DEADLINE)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        handles = list(
+            pool.map(
+                lambda _: sup.spawn(ray_tasks.append_pid, "four", (str(path),), resources=SECOND),
+                range(4),
+            )
+        )
+    pids += [handle.join(DEADLINE) for handle in handles]
+    assert sorted(_runs(path)) == sorted(pids)
+    assert len(set(pids)) == 6
+    assert _counts(_link(sup, nodes.second)) == {"direct": 6, "ray": 0, "repeated": 0}
+
+
+def test_the_direct_channel_refuses_a_wrong_key(sup: RaySupervisor, nodes: Nodes) -> None:
+    """Test that a connection to an agent's door with another key is refused before a request is
+    read, and that the door goes on serving its driver."""
+    sup.spawn(ray_tasks.where, "boot", resources=SECOND).join(DEADLINE)
+    link = _link(sup, nodes.second)
+    assert link.channel is not None
+    intruder = Channel(link.channel._address, os.urandom(32))
+    with pytest.raises(ChannelError, match="AuthenticationError"):
+        intruder.call(b"not a start", time.monotonic() + DEADLINE)
+    assert intruder.broken is not None
+    intruder.close()
+    handle = sup.spawn(ray_tasks.where, "after", resources=SECOND)
+    assert handle.join(DEADLINE) == (handle.pid, False)
+    assert _counts(link) == {"direct": 2, "ray": 0, "repeated": 0}
+
+
+class _Cut:
+    """A driver's connection to a door, cut in the middle of a start: ``when`` the request is
+    half sent, once it is sent, or once its answer has come (and is lost with the connection)."""
+
+    def __init__(self, conn: Connection, when: str) -> None:
+        self._conn = conn
+        self._when = when
+
+    def send_bytes(self, data: bytes) -> None:
+        if self._when == "mid-request":
+            os.write(self._conn.fileno(), struct.pack("!i", len(data)) + data[: len(data) // 2])
+        else:
+            self._conn.send_bytes(data)
+            if self._when == "after the answer":
+                assert self._conn.poll(DEADLINE)
+        self._conn.close()
+        raise ConnectionResetError("cut by the test")
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+@pytest.mark.parametrize("when", ["mid-request", "before the answer", "after the answer"])
+def test_a_start_cut_on_the_direct_channel_runs_once(
+    sup: RaySupervisor, nodes: Nodes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """Test that a start whose connection is cut (mid-request, before or after the agent's
+    answer) is sent again by Ray and runs exactly once, its outcome not lost, even for a quick
+    task whose outcome rode the lost answer."""
+    path = tmp_path / "runs"
+    pids = [
+        sup.spawn(ray_tasks.append_pid, "quick", (str(path),), resources=SECOND).join(DEADLINE)
+        for _ in range(3)  # quick here now: its start may answer with its outcome
+    ]
+    link = _link(sup, nodes.second)
+    assert link.channel is not None
+    take = link.channel._take
+    cut: list[object] = []
+
+    def take_once(deadline: float) -> Connection | _Cut:
+        conn = take(deadline)
+        if cut:
+            return conn
+        cut.append(conn)
+        return _Cut(conn, when)
+
+    monkeypatch.setattr(link.channel, "_take", take_once)
+    handle = sup.spawn(ray_tasks.append_pid, "cut", (str(path),), resources=SECOND)
+    pids.append(handle.join(DEADLINE))
+    assert pids[-1] == handle.pid
+    assert cut
+    counts = _counts(link)
+    if when == "before the answer":  # which copy came first is a race: wait for the other
+        deadline = time.monotonic() + DEADLINE
+        while counts["repeated"] == 0 and time.monotonic() < deadline:
+            counts = _counts(link)
+        assert counts["direct"] + counts["ray"] == 4
+        assert counts["repeated"] == 1
+    else:
+        assert (
+            counts
+            == {
+                "mid-request": {"direct": 3, "ray": 1, "repeated": 0},
+                "after the answer": {"direct": 4, "ray": 0, "repeated": 1},
+            }[when]
+        )
+    assert _runs(path) == pids
+    again = sup.spawn(ray_tasks.append_pid, "again", (str(path),), resources=SECOND)
+    assert again.join(DEADLINE) == again.pid
+    assert _counts(link)["direct"] == counts["direct"] + 1  # the channel serves on
+
+
+def test_a_start_after_the_door_closed_goes_by_ray(
+    sup: RaySupervisor, nodes: Nodes, tmp_path: Path
+) -> None:
+    """Test that once an agent's door is closed, starts go by Ray: the first finds its pooled
+    connection ended, the next one cannot connect and turns the channel off."""
+    path = tmp_path / "runs"
+    pids = [
+        sup.spawn(ray_tasks.append_pid, "direct", (str(path),), resources=SECOND).join(DEADLINE)
+    ]
+    link = _link(sup, nodes.second)
+    assert link.channel is not None
+    assert ray.get(link.actor.close_door.remote(DEADLINE), timeout=DEADLINE) is True
+    for _ in range(3):
+        pids.append(
+            sup.spawn(ray_tasks.append_pid, "by ray", (str(path),), resources=SECOND).join(DEADLINE)
+        )
+    assert _runs(path) == pids
+    assert _counts(link) == {"direct": 1, "ray": 3, "repeated": 0}
+    assert link.channel.broken is not None
+    assert "could not be opened" in link.channel.broken

@@ -4,7 +4,11 @@
 
     Lifecycle (driver) ─ start(RunSpec) ─▶ RayBackend.start: place (procsup._ray.placement), the
                                            node's agent (made on first use, pinned to the node)
-                                           agent.start(StartRequest) ─▶ Started(pid) ─▶ RayRun
+                                           StartRequest by the agent's door, on this thread
+                                           (procsup._ray.channel); if that fails: the same
+                                           request by Ray, agent.start (the agent answers a
+                                           second copy with the first one's answer)
+                                           ─▶ Started(pid) ─▶ RayRun
                                            Started(pid, outcome): it ended already (a quick
                                            task): a value is published here and now, an
                                            error on the loop
@@ -64,10 +68,12 @@ from procsup._os.tree import Ladder
 from procsup._outcome.errors import CriticalTaskError, TaskCrashedError
 from procsup._process.reduction import by_value, dumps_by_value
 from procsup._ray.agent import CALLS, GROUPS, Agent
+from procsup._ray.channel import Channel, ChannelError
 from procsup._ray.hub import TokenHub
 from procsup._ray.messages import (
     NodeInfo,
     Outcome,
+    Ready,
     Refused,
     Started,
     StartRequest,
@@ -89,6 +95,8 @@ logger = logging.getLogger("procsup")
 
 _BOOT_DEADLINE = 120.0  # seconds for an agent (or the hub) to come up: a worker process, a zygote
 _START_DEADLINE = 60.0  # seconds for an agent to answer a start (a task module's first import)
+_FALLBACK_FLOOR = 1.0  # seconds a start sent again by Ray gets at least, its deadline spent or not
+DIRECT = True  # starts go by the agents' doors (procsup._ray.channel); False: by Ray alone
 _FLUSH_DEADLINE = 2.0  # seconds a failure's publication waits for the nodes to apply its cancel
 _ANSWER_FLOOR = 1.0  # a node gets at least this long to answer a stop, however short the grace
 _CONCURRENCY = 65536  # calls the hub may have pending: a cancel per batch, polls
@@ -260,6 +268,10 @@ class RayBackend:
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            agents = list(self._every_agent)
+        for agent in agents:
+            if agent.channel is not None:
+                agent.channel.close()
 
     def join(self, timeout: float) -> bool:
         """Once no run is live: let every agent go (its zygote exits), kill the actors, end the
@@ -270,6 +282,10 @@ class RayBackend:
             for agent in agents:
                 agent.lost = "its RaySupervisor shut down"
             self._agents.clear()
+            every = list(self._every_agent)
+        for agent in every:
+            if agent.channel is not None:
+                agent.channel.close()
         if ray.is_initialized():  # else Ray went first (ray.shutdown()), and our actors with it
             refs = [agent.actor.shutdown.remote(max(timeout / 2, 0.0)) for agent in agents]
             if refs:
@@ -352,7 +368,10 @@ class RayBackend:
             raise _REFUSALS.get(answer.kind, RuntimeError)(
                 f"the procsup agent for Ray node {agent.node_id} could not start: {answer.message}"
             )
-        agent.info = answer
+        assert isinstance(answer, Ready), answer
+        if answer.door is not None:
+            agent.channel = Channel(answer.door, answer.authkey)
+        agent.info = answer.info
         self._loop.submit(self._follow_agent(agent))
 
     def _give_up(self, agent: AgentLink, why: str) -> None:
@@ -367,16 +386,30 @@ class RayBackend:
             agent.lost = why
             if self._agents.get(agent.node_id) is agent:
                 del self._agents[agent.node_id]
+        if agent.channel is not None:
+            agent.channel.close()
         self._placement.invalidate()
         if not self._closed:
             self._hub.drop.remote(agent.key)
         return True
 
     def _send_start(self, agent: AgentLink, run: RayRun, request: StartRequest) -> Started:
+        """By the agent's door if it can, else (or if that fails) by Ray: the agent answers a
+        second copy of a start with the first one's answer, so whatever the door did with it,
+        the start happens once and its answer (and a quick run's outcome in it) is not lost."""
         description = run.spec.description
-        started = agent.actor.start.remote(pickle.dumps(request, pickle.HIGHEST_PROTOCOL))
+        payload = pickle.dumps(request, pickle.HIGHEST_PROTOCOL)
+        deadline = time.monotonic() + _START_DEADLINE
+        if DIRECT and agent.channel is not None:
+            try:
+                reply = agent.channel.call(payload, deadline)
+            except ChannelError as exc:
+                logger.debug("procsup: a start to Ray node %s goes by Ray: %s", agent.node, exc)
+            else:
+                return self._answered(run, pickle.loads(reply))
+        started = agent.actor.start.remote(payload)
         try:
-            answer = pickle.loads(ray.get(started, timeout=_START_DEADLINE))
+            reply = ray.get(started, timeout=max(deadline - time.monotonic(), _FALLBACK_FLOOR))
         except GetTimeoutError:
             agent.actor.discard.remote(run.run_id)
             raise RuntimeError(
@@ -395,6 +428,9 @@ class RayBackend:
                 f"critical task {description!r} could not be started on Ray node {agent.node}: "
                 f"{ray_reason(exc)}"
             ) from exc
+        return self._answered(run, pickle.loads(reply))
+
+    def _answered(self, run: RayRun, answer: Started | Refused) -> Started:
         if isinstance(answer, Refused):
             raise _REFUSALS.get(answer.kind, RuntimeError)(answer.message)
         assert isinstance(answer, Started), answer

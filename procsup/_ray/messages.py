@@ -4,20 +4,23 @@
 
     driver (procsup._ray.backend)         agent on a node (procsup._ray.agent)
     ─────────────────────────────         ────────────────────────────────────
-    agent.ready()  ───────────────────▶  ◀─ NodeInfo: which node, which process
+    agent.ready()  ───────────────────▶  ◀─ Ready: which node, which process, where its door is
     agent.start(pickled StartRequest) ▶  ◀─ pickled Started(pid, outcome) | Refused(kind, message)
+    the same bytes on the door ───────▶  ◀─ the same bytes (procsup._ray.channel)
     agent.outcomes(acked) ────────────▶  ◀─ [(seq, run id, Outcome) | (seq, stop id, StopDone)]:
                                             what ended since ``acked`` (a long poll)
     agent.stop(StopRequest) ──────────▶  ◀─ True: the cancel is done, the ladder runs there;
                                             its StopDone comes on the outcomes poll
     agent.discard(run id) ────────────▶     a start the driver gave up on
     agent.facts([run id, ...]) ───────▶  ◀─ [(pid, rss, cpu_percent), ...]
+    agent.counts() ───────────────────▶  ◀─ {"direct": n, "ray": n, "repeated": n}: starts
 
     token hub (procsup._ray.hub): Cancellation = (run id, cause), relayed down to the agent
     of the run (the driver cancelled its token) or up to the driver (the task cancelled it).
 
-A start crosses as bytes both ways, pickled by procsup (``pickle``: Ray's own serialization of a
-dataclass costs a start about 0.15 ms more, there and back). The task's call inside it,
+A start crosses as bytes both ways (by the agent's door, or by Ray), pickled by procsup
+(``pickle``: Ray's own serialization of a dataclass costs a start about 0.15 ms more, there and
+back). The task's call inside it,
 ``StartRequest.call``, is pickled with cloudpickle, as Ray would: by reference what can be
 imported by name, by value the rest (lambdas, closures, the driver's ``__main__``). The rest
 travels with Ray's serialization.
@@ -25,7 +28,7 @@ travels with Ray's serialization.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from procsup._outcome.errors import CriticalTaskError
 
@@ -33,6 +36,7 @@ __all__ = [
     "Cancellation",
     "NodeInfo",
     "Outcome",
+    "Ready",
     "Refused",
     "StartRequest",
     "Started",
@@ -61,6 +65,22 @@ class NodeInfo:
 
     def __str__(self) -> str:
         return f"{self.node_id} ({self.ip})"
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The agent is up: ``ready()``'s answer.
+
+    Attributes:
+        info: Where it runs.
+        door: The ``(host, port)`` where it takes starts directly (``procsup._ray.channel``), or
+            None if it could not listen: every start then goes by Ray.
+        authkey: The door's key, which only this answer carries (left out of the repr).
+    """
+
+    info: NodeInfo
+    door: tuple[str, int] | None
+    authkey: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayError
 
+from procsup._ray.channel import Channel
 from procsup._ray.messages import NodeInfo
 from procsup._supervision.runtime import Facts, RunSpec
 from procsup._token.watch import Watched
@@ -31,7 +32,8 @@ class AgentLink:
     Invariants: ``info`` is None until the agent answered ``ready()``; ``lost`` None until its
     death (or our giving up on it) was seen, then why; ``killed`` the seconds a stop waited
     before we killed it, or None; ``runs`` every run started on it whose outcome is not out;
-    ``stops`` (the loop's) each stop sent to it whose ``StopDone`` has not come.
+    ``stops`` (the loop's) each stop sent to it whose ``StopDone`` has not come; ``channel`` its
+    door's connections once it answered (None if it has no door), closed once it is lost.
     """
 
     def __init__(self, key: str, node_id: str, actor: Any) -> None:
@@ -44,6 +46,7 @@ class AgentLink:
         self.runs: set[RayRun] = set()
         self.stops: dict[str, asyncio.Future[list[str]]] = {}  # on the loop: awaiting StopDone
         self.ready_lock = threading.Lock()
+        self.channel: Channel | None = None
 
     @property
     def node(self) -> NodeInfo:
