@@ -41,6 +41,7 @@ from procsup import (
     TaskFailedError,
     TaskPanickedError,
 )
+from procsup._executor import handout
 from tests import executor_items as items
 from tests.conftest import process_gone
 from tests.executor_items import DEADLINE
@@ -174,6 +175,39 @@ def test_shutdown_cancel_futures(make: MakeExecutor) -> None:
     signals[2].cancel()  # let the running ones go
     executor.shutdown(wait=True)
     assert [future.result(0) for future in running] == [0, 1]
+
+
+def test_shutdown_cancel_futures_cancels_the_item_being_handed_out(
+    make: MakeExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Test that shutdown(cancel_futures=True) cancels an item the executor's thread has taken
+    off the queue and not yet put in a worker's pipe, where shutdown looks for items: the thread
+    is held there, by a handshake, until shutdown() has returned."""
+    signals = tokens(3)
+    executor = make(1, initializer=items.remember, initargs=signals)
+    running = executor.submit(items.arrive_then_wait, 0, 1, "ran")
+    arrived(signals[0])
+    in_hand, shut = threading.Event(), threading.Event()
+    send = handout.Handout._send
+
+    def held_send(self: handout.Handout, worker: Any, item: Any) -> None:
+        if item.description.startswith("mul") and not in_hand.is_set():
+            in_hand.set()
+            shut.wait(DEADLINE)
+        send(self, worker, item)
+
+    monkeypatch.setattr(handout.Handout, "_send", held_send)
+    waiting = executor.submit(items.mul, 6, 7)
+    assert in_hand.wait(DEADLINE)
+    try:
+        executor.shutdown(wait=False, cancel_futures=True)
+        assert waiting.cancelled()
+    finally:
+        shut.set()
+    signals[1].cancel()  # let the running one go
+    executor.shutdown(wait=True)
+    assert running.result(0) == "ran"
+    assert waiting.cancelled()
 
 
 def test_context_manager_ends_every_worker(start_method: str) -> None:

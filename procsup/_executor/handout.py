@@ -82,8 +82,9 @@ class Handout:
     """Follows items through workers (see the module docstring); the Pool provides the hooks.
 
     Invariants, under ``_lock``: ``_queue`` holds the items not in a worker (some may be
-    cancelled: they are dropped when reached); ``_broken`` and ``_cancelled`` are set once and
-    refuse new items; ``_idle`` counts the ready workers with nothing in flight (as of the
+    cancelled: they are dropped when reached); ``_in_hand`` the item ``_next()`` took off it,
+    until ``_send`` has put it in a worker's ``inflight``; ``_broken`` and ``_cancelled`` are set
+    once and refuse new items; ``_idle`` counts the ready workers with nothing in flight (as of the
     thread's last look). The thread's own: ``_ready`` holds the workers that are ready and
     alive, in order of readiness, the spare aside (``_spare``); ``_answers`` the returns read in
     this turn of the loop and not published yet.
@@ -95,6 +96,7 @@ class Handout:
         self.token = token
         self._lock = threading.Lock()
         self._queue: collections.deque[Item] = collections.deque()
+        self._in_hand: Item | None = None
         self._broken: BrokenExecutorError | None = None
         self._cancelled: str | None = None
         self._idle = 0
@@ -181,11 +183,13 @@ class Handout:
                 self._quit(self._spare)
 
     def _next(self) -> Item | None:
-        """The first queued item not cancelled (cancelled ones are dropped)."""
+        """The first queued item not cancelled (cancelled ones are dropped), in hand until
+        ``_send`` has it in a pipe: ``shutdown(cancel_futures=True)`` looks in both."""
         with self._lock:
             while self._queue:
                 item = self._queue.popleft()
                 if item.future.pending():
+                    self._in_hand = item
                     return item
         return None
 
@@ -201,6 +205,7 @@ class Handout:
         )
         item.dispatch = dispatch  # from here a cancel() cancels the node itself
         worker.inflight.append(dispatch)
+        self._in_hand = None
         worker.served += 1
         if len(worker.inflight) == 1:  # before it is written: by then it may be running
             self._promote(worker)

@@ -227,11 +227,12 @@ class Pool(Handout):
         with self._lock:
             self._closing = True
             thread, watcher, starter = self._thread, self._watcher, self._starter
-            queued = list(self._queue) if cancel_futures else []
+            queued = [*self._queue, self._in_hand] if cancel_futures else []
             if cancel_futures:
                 self._queue.clear()
-        for item in queued:
-            item.future.cancel()
+        for item in queued:  # and the one in hand, if any: pending only, it may have run since
+            if item is not None:
+                item.future.cancel_pending()
         if cancel_futures:  # and those waiting in pipes (C-level copies: safe from any thread)
             for worker in list(self._workers.values()):
                 for dispatch in list(worker.inflight):
