@@ -87,6 +87,37 @@ def test_stop_kills_the_whole_tree(runtime: Supervisor, pipe: Pipe) -> None:
     assert not parent.is_cancelled()
 
 
+def test_shutdown_from_several_threads_at_once() -> None:
+    """Test that shutdown() called by three threads at once returns in each, none raising: the
+    supervision thread's fds are closed once (a second close raised EBADF, or closed an fd just
+    reused by another thread). Five rounds, the threads let go together by a barrier."""
+    for _ in range(5):
+        sup = Supervisor(grace_period=DEADLINE)
+        handles = [sup.spawn(tasks.wait_for_cancel, f"waits {i}") for i in range(2)]
+        together = threading.Barrier(3, timeout=DEADLINE)
+        errors: list[BaseException] = []
+
+        def shut_down(
+            sup: Supervisor = sup,
+            together: threading.Barrier = together,
+            errors: list[BaseException] = errors,
+        ) -> None:
+            try:
+                together.wait()
+                sup.shutdown()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=shut_down) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(DEADLINE)
+        assert not any(thread.is_alive() for thread in threads)
+        assert errors == []
+        assert [handle.join(0) for handle in handles] == ["cancelled", "cancelled"]
+
+
 def test_shutdown_escalates_stragglers_and_reaps(start_method: str, pipe: Pipe) -> None:
     """Test that shutdown() cancels, waits for a task that honours it, and stops one that does not.
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
+import psutil
 import pytest
 
 import procsup._supervision.handle
@@ -20,8 +21,15 @@ import procsup._supervision.options
 import procsup._supervision.status
 import procsup._supervision.supervisor
 import procsup._token.token
-from procsup import CancellationToken, CriticalTaskExecutionHandle, Supervisor, TaskCrashedError
-from procsup._os.timeouts import check_timeout
+from procsup import (
+    CancellationToken,
+    CriticalTaskExecutionHandle,
+    Supervisor,
+    TaskCrashedError,
+    TaskFailedError,
+)
+from procsup._os.timeouts import NO_LIMIT, WAIT_CAP, capped, check_timeout
+from procsup._process.guardian import Guardian
 from tests import contract_tasks, tasks
 from tests.tasks import DEADLINE
 
@@ -78,6 +86,51 @@ def test_check_timeout(timeout: Any, means: Any) -> None:
             check_timeout(timeout, "my_timeout")
     else:
         assert check_timeout(timeout) == (None if means == FOREVER else 0.0)
+
+
+def test_check_timeout_beyond_every_clock() -> None:
+    """Test that a timeout beyond NO_LIMIT (~31 years, which no lock's wait takes) means no
+    limit, a duration that long is refused, and a loop waits at most WAIT_CAP at a time."""
+    assert check_timeout(3e6) == 3e6  # past epoll's 2**31 - 1 ms: still that many seconds
+    assert check_timeout(1e10) is None
+    assert check_timeout(NO_LIMIT, finite=True) == NO_LIMIT
+    with pytest.raises(ValueError, match=r"grace_period must be .* <= 1e\+09"):
+        check_timeout(1e10, "grace_period", finite=True)
+    assert capped(None) == capped(3e6) == WAIT_CAP
+    assert capped(0.5) == 0.5
+    guardian = Guardian()
+    guardian.doomed.append((1e18, 0, psutil.Process()))  # an orphan due in 3e10 years
+    assert guardian.timeout() == WAIT_CAP
+
+
+def test_timeouts_past_epolls_limit_keep_the_supervisor_alive(pipe: Pipe) -> None:
+    """Test that timeouts, a backoff and a stop's grace of 3e6 s (35 days: more than epoll or
+    select take, 2**31 - 1 ms) are waited in turns by the supervision thread, which lives on:
+    the next task's outcome is published, and join() of 1e10 s is no limit."""
+    with Supervisor(grace_period=3e6) as sup:
+        parent = CancellationToken()
+        failing = sup.spawn(
+            tasks.fail, "backs off", parent_token=parent, restart="permanent", backoff=(3e6, 3e6)
+        )
+        reader, writer = pipe()
+        waiting = sup.spawn(tasks.wait_for_cancel, "timed", args=(writer,), timeout=3e6)
+        _ready(reader)
+        assert waiting.stop(timeout=3e6) == "cancelled"  # its ladder's timers: 35 days off
+        assert sup.spawn(tasks.return_value, "after", args=(7,)).join(1e10) == 7
+        assert not parent.is_cancelled()  # the restart is due in 35 days
+        assert sup.spawn(tasks.return_value, "again", args=(8,)).join(DEADLINE) == 8
+        with pytest.raises(TaskFailedError):  # stopped in its backoff: the failure is final
+            failing.stop(timeout=0)
+    assert parent.is_cancelled()
+
+
+def test_memory_limit_past_setrlimit_is_refused(sup: Supervisor) -> None:
+    """Test that a memory_limit setrlimit() cannot take (>= 2**63, RLIM_INFINITY unsigned) is
+    refused by spawn(), which starts nothing, instead of failing the task in its setup."""
+    for limit in (2**63, 2**64 - 1):
+        with pytest.raises(ValueError, match="memory_limit"):
+            sup.spawn(tasks.return_value, "limited", args=(1,), memory_limit=limit)
+    assert sup.tasks() == []
 
 
 def test_every_public_timeout_uses_the_one_validator() -> None:

@@ -62,6 +62,7 @@ import psutil
 
 from procsup._os import tree as _contain
 from procsup._os.fds import drain, wait_readable
+from procsup._os.timeouts import capped
 from procsup._os.tree import ExitInfo, Ladder
 
 __all__ = ["STATUS", "Guardian", "children", "decode_status", "encode_status"]
@@ -194,8 +195,8 @@ class Guardian:
         self.watched[pidfd] = _Ward(pid, pidfd, token, grace)
 
     def timeout(self) -> float | None:
-        """Seconds until the next orphan is due, or None."""
-        return max(0.0, self.doomed[0][0] - time.monotonic()) if self.doomed else None
+        """Seconds until the next orphan is due (at most ``WAIT_CAP``: see ``capped``), or None."""
+        return capped(max(0.0, self.doomed[0][0] - time.monotonic())) if self.doomed else None
 
     def reap(self) -> int:
         """Reap every exited child: report tasks on their status pipe, doom new orphans.

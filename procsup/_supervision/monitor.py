@@ -83,6 +83,7 @@ import psutil
 
 from procsup._os import tree as _contain
 from procsup._os.fds import drain, pump
+from procsup._os.timeouts import capped
 from procsup._os.tree import ExitInfo
 from procsup._outcome import crash as _crash
 from procsup._outcome import remote as _remote
@@ -241,6 +242,7 @@ class Monitor:
         self._roles: dict[int, tuple[str, TaskRecord | None]] = {}
         self.shims: dict[int, Shim] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_lock = threading.Lock()  # the pipe's fds: closed once, never written after
         self._watch(self._wake_r, "wake", None)
         self.timers = Timers(self._wake)  # restarts and timeouts: the poll timeout honours them
         self._thread = threading.Thread(target=self._run, name="procsup-supervisor", daemon=True)
@@ -278,11 +280,12 @@ class Monitor:
         self._thread.join(timeout)
         if self._thread.is_alive():
             return False
-        if self._wake_w >= 0:
-            self._epoll.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self._wake_r = self._wake_w = -1
+        with self._wake_lock:  # shutdown() in two threads at once: one of them closes them
+            if self._wake_w >= 0:
+                self._epoll.close()
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r = self._wake_w = -1
         return True
 
     @property
@@ -291,16 +294,17 @@ class Monitor:
         return self._thread.is_alive()
 
     def _wake(self) -> None:
-        if self._wake_w < 0:
-            return
-        with contextlib.suppress(BlockingIOError):  # a full pipe already means "wake up"
-            os.write(self._wake_w, b"\0")
+        with self._wake_lock:  # never a write to the number of a closed fd (reused, maybe)
+            if self._wake_w < 0:
+                return
+            with contextlib.suppress(BlockingIOError):  # a full pipe already means "wake up"
+                os.write(self._wake_w, b"\0")
 
     def _run(self) -> None:
         try:
             while True:
                 deaths = []
-                for fd, _ in self._epoll.poll(self.timers.timeout()):
+                for fd, _ in self._epoll.poll(capped(self.timers.timeout())):
                     role, task = self._roles[fd]
                     if role == "wake":
                         drain(self._wake_r)

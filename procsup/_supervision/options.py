@@ -23,6 +23,7 @@ __all__ = [
 
 RestartPolicy = Literal["temporary", "transient", "permanent"]
 RESTART_POLICIES: tuple[RestartPolicy, ...] = ("temporary", "transient", "permanent")
+_RLIM_MAX = 2**63 - 1  # the largest limit setrlimit() takes from Python
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,8 @@ def check_options(
         if isinstance(memory_limit, bool) or not isinstance(memory_limit, int):
             kind = type(memory_limit).__name__
             raise TypeError(f"memory_limit must be an int (bytes), not {kind}")
-        if memory_limit <= 0:
-            raise ValueError(f"memory_limit must be > 0 bytes, got {memory_limit}")
+        if not 0 < memory_limit <= _RLIM_MAX:  # setrlimit takes a signed 64-bit number
+            raise ValueError(f"memory_limit must be > 0 and < 2**63 bytes, got {memory_limit}")
     if not isinstance(capture_output, bool):
         raise TypeError(f"capture_output must be a bool, not {type(capture_output).__name__}")
     return TaskOptions(
