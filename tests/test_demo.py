@@ -414,6 +414,23 @@ def test_view_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert type(make_view(False, Terminal())) is PlainView
 
 
+@pytest.mark.parametrize("redirect", [">&-", ">/dev/full"], ids=["closed", "full"])
+def test_output_nobody_can_read_still_ends_the_story(redirect: str) -> None:
+    """Test the demo with its stdout closed (``>&-``) or on a full disk (``> /dev/full``): the
+    story runs to its end (exit 1: the native parser's crash), with no traceback of the demo's
+    own (it raised AttributeError on a closed stdout, OSError on a full one)."""
+    proc = subprocess.run(
+        ["sh", "-c", f'exec "$0" -m procsup {redirect}', sys.executable],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=DEADLINE,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_help_explains_each_scenario_in_one_line() -> None:
     """Test ``--help``: every scenario named on a line of its own, with its explanation."""
     out = subprocess.run(

@@ -6,6 +6,7 @@ output is a terminal; without rich the plain view is used. The library never imp
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import IO
 
@@ -17,6 +18,8 @@ __all__ = ["make_view"]
 def make_view(as_json: bool, stream: IO[str] | None = None) -> View:
     """The JSON view if asked, the rich live view on a terminal with rich, else the plain view."""
     out = sys.stdout if stream is None else stream
+    if out is None:  # stdout closed (``>&-``): the story runs, unseen; its exit status tells
+        out = open(os.devnull, "w")  # noqa: SIM115 - the process's stdout from now on
     if as_json:
         return JsonView(out)
     if out.isatty():

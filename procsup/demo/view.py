@@ -72,9 +72,11 @@ class View:
         try:
             self.stream.write(line + "\n")
             self.stream.flush()
-        except BrokenPipeError:
-            # The reader left (``| head``): the tasks still shut down properly, unseen. Point fd 1
-            # at /dev/null too, so the interpreter's last flush at exit does not fail again.
+        except OSError:
+            # Nobody can read on: the reader left (``| head``, EPIPE), the disk is full
+            # (``> /dev/full``, ENOSPC). The tasks still shut down properly, unseen. Point the
+            # stream's fd at /dev/null, so that the next writes, and the interpreter's last flush
+            # at exit, do not fail again.
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self.stream.fileno())
             os.close(devnull)
