@@ -38,6 +38,7 @@ MESSAGES = [
     Preload(("json", "tests.tasks")),
     Preloaded((("missing", "ModuleNotFoundError: No module named 'missing'"),)),
     Spawn(("tests.tasks",), b"payload", WARD, False, FdRef(1)),
+    Spawn(("procsup",), b"payload", None, False, None, (FdRef(2),), "tests.tasks"),
     Spawn((), None, None, True, None),
     Started(1234),
     StartFailed("[Errno 11] Resource temporarily unavailable"),

@@ -1,7 +1,8 @@
 """Local processes: how a task process is started, what runs in it, who outlives its supervisor.
 
 Owns: the typed messages between supervisor, zygote and child (``messages``); the zygote's client
-(``zygote``) and server with its spare (``server``); the fork start method's shim (``shim``); the
+(``zygote``) and server with its spare (``server``); which task modules the zygote may import
+itself (``trials``); the fork start method's shim (``shim``); the
 spawn start method's fresh interpreter (``spawned``); the child's entry point (``entry``) and its
 setup (``setup``: limits, log forwarding, captured output); the task's stderr tap (``stdio``)
 and log records (``logs``); the guardian that kills a dead supervisor's tasks (``guardian``); an

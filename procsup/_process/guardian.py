@@ -13,7 +13,9 @@
                                            a dead task's descendants reparent here: every child
                                              that is neither a task nor the spare is an orphan,
                                              SIGKILLed (tree and all) once its task's grace period
-                                             has passed; a spare that dies is reaped silently
+                                             has passed; a spare that dies is reaped silently,
+                                             a trial too (its status kept for the zygote, what
+                                             it left behind killed at once)
                                            (a fork task's orphans go to its shim, which runs
                                              this same Guardian for it: ``procsup._process.shim``)
     ✝ (SIGKILL, exit, crash) ── EOF ─────▶ SIGKILL the spare, then every ward on the one ladder
@@ -165,7 +167,9 @@ class Guardian:
 
     Invariants: ``children`` maps each live zygote task's pid to its ward, ``watched`` each watched
     fork task's pidfd to its ward; ``spares`` holds the pids of unreaped spares (children forked
-    ahead of a request, ``procsup._process.server``), never a task's; ``doomed`` is a heap of
+    ahead of a request, ``procsup._process.server``), never a task's;
+    ``trials`` maps the pid of each trial (``procsup._process.trials``) to None until it is reaped,
+    then to its raw wait status, until the zygote reads it; ``doomed`` is a heap of
     ``(deadline, pid, process)``, each an orphan (our child), to kill at ``deadline`` if still
     running; ``known`` maps the pids in ``doomed``, and our
     killed children until reap() sees them exit, to their deadline. A fork task's shim
@@ -178,6 +182,7 @@ class Guardian:
         self.doomed: list[tuple[float, int, psutil.Process]] = []
         self.known: dict[int, float] = {}
         self.spares: set[int] = set()
+        self.trials: dict[int, int | None] = {}
         self.supervisor = os.getppid()
 
     def fds(self) -> list[int]:
@@ -214,6 +219,10 @@ class Guardian:
                 break
             if pid in self.spares:  # a spare that died before it became a task: no one to tell
                 self.spares.discard(pid)
+                continue
+            if pid in self.trials:  # its verdict is the zygote's to read; what it left, dies now
+                self.trials[pid] = status
+                deadlines.append(now)
                 continue
             ward = self.children.pop(pid, None)
             if ward is None:
@@ -254,7 +263,12 @@ class Guardian:
     def _orphans(self) -> list[psutil.Process]:
         orphans = []
         for pid in children():
-            if pid not in self.children and pid not in self.known and pid not in self.spares:
+            if (
+                pid not in self.children
+                and pid not in self.known
+                and pid not in self.spares
+                and self.trials.get(pid, 0) is not None
+            ):
                 with contextlib.suppress(psutil.Error):
                     orphans.append(psutil.Process(pid))
         return orphans

@@ -9,7 +9,7 @@
                    ◀────────────────────────── Synced()
     Preload(names) ──────────────────────────▶ import them
                    ◀────────────────────────── Preloaded(failed)
-    Spawn(preload, payload, ward, fresh, stderr)
+    Spawn(preload, payload, ward, fresh, stderr, held, module)
       fds: [status pipe's write end, *task fds, memfd if payload is None]
                    ──────────────────────────▶ the spare's pid, or fork one:
                    ◀────────────────────────── Started(pid) | StartFailed(error)
@@ -178,7 +178,8 @@ class Spawn:
     than a datagram should be).
 
     Attributes:
-        preload: Modules to import first (the task's own module among them), in the zygote too.
+        preload: Modules to import first, in the zygote too: procsup's own needs and the
+            Supervisor's preload list.
         payload: The pickled ``(target, args)`` (``fresh``: a pickled ``FreshStart``), or None.
         ward: Set if the zygote must cancel the task's token when the supervisor dies.
         fresh: The spawn start method: the child execs a fresh interpreter; never a spare.
@@ -186,6 +187,8 @@ class Spawn:
         held: The task fds that are write ends of its pipes to the supervisor (result, stderr,
             logs): the zygote keeps its copies until it has written the task's status, so that
             the task's exit closes none of them (``procsup._supervision.launch``).
+        module: The task's own module, imported first by the task; by the zygote only once a
+            trial proved it safe there (``procsup._process.trials``).
     """
 
     preload: tuple[str, ...]
@@ -194,6 +197,7 @@ class Spawn:
     fresh: bool
     stderr: FdRef | None
     held: tuple[FdRef, ...] = ()
+    module: str | None = None
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,13 @@ one-thread process does not need.
       reply Started(spare pid) to the supervisor
       forward the datagram + the task's fds ──────▶ unpickle the same Spawn; import the task's
       over the spare's socketpair                   module if it is new, close an arena fd it
-      then import the task's module, borrow its     maps already, load_payload, target(*args),
+      then import procsup's needs, borrow its       maps already, load_payload, target(*args),
       token, add_child(spare pid), close our fds    _exit
     no spare (none yet, or it died idle): fork the task at once, as before
+    the task's module new here: queue a trial ────▶ trial (after the spare's fork): import it
+      (``procsup._process.trials``); once one       timed, _exit 0 if clean and fast; reaped
+      exits 0, import it, idle, and fork a fresh    silently. Any other end: the zygote never
+      spare                                         imports it, its tasks do
     Spawn(fresh=True), the spawn start method: fork a child that execs python, prepared as
       multiprocessing's spawn would (``procsup._process.spawned``); never a spare
 
@@ -110,6 +114,7 @@ from procsup._process.messages import (
 )
 from procsup._process.setup import ChildSetup, Prepared
 from procsup._process.spawned import exec_fresh
+from procsup._process.trials import Trials, trial_main
 from procsup._process.zygote import import_modules, run_target
 from procsup._token.arena import Arena
 from procsup._token.token import CancellationToken, borrowed
@@ -174,6 +179,7 @@ class _Server:
         self.selector.register(self.wake_r, selectors.EVENT_READ)
         self.spare: _Spare | None = None
         self.spare_due: float | None = None  # when to fork the next spare, if no task exits first
+        self.trials = Trials(self.guardian)  # which task modules we may import ourselves
 
     def own(self) -> list[int]:
         """The zygote's fds that no child may keep (the guardian's are in ``guardian.fds()``)."""
@@ -187,6 +193,9 @@ class _Server:
             if self.spare_due is not None:
                 left = max(0.0, self.spare_due - time.monotonic())
                 timeout = left if timeout is None else min(timeout, left)
+            left_trial = self.trials.timeout()
+            if left_trial is not None:
+                timeout = left_trial if timeout is None else min(timeout, left_trial)
             ready = self.selector.select(timeout)
             # A task's death first: its status is on the path from a crash to the parent token's
             # cancellation, and a request or the wake-up pipe's drain can wait a few microseconds.
@@ -197,6 +206,7 @@ class _Server:
                     if pidfd is None:
                         self.selector.unregister(self.sock)
                         self.drop_spare(kill=True)
+                        self.trials.stop()
                         guardian.supervisor_gone(self.wake_r)
                         return
                     if pidfd >= 0:
@@ -211,8 +221,14 @@ class _Server:
             if self.spare is not None and self.spare.pid not in guardian.spares:
                 self.drop_spare(kill=False)  # it died idle (reaped): replaced after the next start
             guardian.kill_due()
+            self.trials.check()
+            if self.trials.passed and not self.request_waits():
+                self.import_passed()  # before a spare is forked: it then has them
             if self.spare_due is not None and (reported or time.monotonic() >= self.spare_due):
                 self.fork_spare()
+            # Off a start's path as the spare is (see the header), and after it.
+            if self.trials.queued and self.spare_due is None and not self.request_waits():
+                self.fork_trial()
 
     def serve_request(self) -> int | None:
         """Handle one request: None at EOF, a pidfd to watch, or -1."""
@@ -239,6 +255,7 @@ class _Server:
                 with contextlib.suppress(OSError):  # not ours to enter: the task will find out
                     os.chdir(cwd)
                 self.drop_spare(kill=False)  # it has the old ones; the next start forks afresh
+                self.trials.synced()  # a module's top level may read any of them
                 self.reply(Synced())
             case Preload(names=names):
                 # Supervisor's first start: its preload list, imported here now, failures named.
@@ -274,7 +291,11 @@ class _Server:
             # path (and the spare, once woken, may take our CPU until its task is done).
             self.reply(spare.pid)
             self.forward(spare, data, task_fds)
-        import_modules(request.preload)  # here too: later spares and forked tasks have it ready
+        # Here too, so that later spares and forked tasks have them ready: procsup's needs and
+        # the preload list. The task's own module only once a trial has proven it safe here.
+        import_modules(request.preload)
+        if request.module is not None:
+            self.trials.consider(request.module)
         token, grace = None, 5.0
         if request.ward is not None:
             grace = request.ward.grace
@@ -357,6 +378,41 @@ class _Server:
         if not wait_readable([self.sock.fileno()], 0):  # else the request first: see the header
             _rehearse()
             self.rehearse_reap()
+
+    def request_waits(self) -> bool:
+        return bool(wait_readable([self.sock.fileno()], 0))
+
+    def import_passed(self) -> None:
+        """Import the modules whose trial passed; called only while no request waits."""
+        known = len(sys.modules)
+        for passed in self.trials.take_passed():
+            if import_modules([passed]):  # it did not raise in its trial: it may differ here
+                self.trials.never.add(passed)
+        if len(sys.modules) != known and self.spare is not None:
+            # Forked without them: its task would import them itself (and miss the at-fork
+            # hooks they register). A fresh one is forked instead, now.
+            self.drop_spare(kill=False)
+            self.spare_due = time.monotonic()
+
+    def fork_trial(self) -> None:
+        """Fork a trial of the next queued module, unless a trial runs (``trials``)."""
+        name = self.trials.next()
+        if name is None:
+            return
+        close = [*self.own(), *self.guardian.fds()]
+        zygote = os.getpid()
+        try:
+            pid = self.hooks.fork()
+        except OSError:
+            self.trials.requeue(name)  # tried again after the next event
+            return
+        if pid == 0:  # pragma: no cover - runs in the trial
+            try:
+                _become_child(zygote, close)
+                trial_main(name)
+            finally:
+                os._exit(1)
+        self.trials.started(name, pid)
 
     def rehearse_reap(self) -> None:
         """Go once, idle, where a task's death takes the zygote, up to the status write: the
@@ -467,7 +523,10 @@ def _become_task(request: Spawn, fds: list[int]) -> None:
     payload = request.payload if request.payload is not None else _read_memfd(fds.pop())
     if request.fresh:
         exec_fresh(payload, fds)
-    import_modules(request.preload)  # a spare forked before the zygote imported them
+    # A spare forked before the zygote imported them; the task's own module if it is new to the
+    # zygote (``procsup._process.trials``): a crash there is this task's alone.
+    own = () if request.module is None else (request.module,)
+    import_modules((*request.preload, *own))
     if request.ward is not None:
         _close_redundant_arena(request.ward, fds)
     target, args = load_payload(payload, fds)

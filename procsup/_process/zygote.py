@@ -5,12 +5,14 @@
     supervisor process                                zygote  (python -c "...serve()", spawned once)
     ──────────────────                                ───────────────────────────────────────────
     ZygoteProcess.start()                             single-threaded; procsup, the preload list
-      pickle (target, args) while "spawning",         and each task's module already imported
+      pickle (target, args) while "spawning",         and the task modules it trusts imported
       by reference or by value (reduction):
       tokens, Connections ─ DupFd ─▶ FdRef(index)
       status pipe: keep r, send w
       Spawn(...) + fds ───────────── sendmsg ───────▶ recvmsg: the Spawn and its fds (SCM_RIGHTS)
-                                                      import the task's module (first time only)
+                                                      procsup's needs and the preload list; the
+                                                      task's module only once a trial proved it
+                                                      safe here (``procsup._process.trials``)
       Started(pid) ◀────────────────── reply ───────  keep the status write end; the task is
                                                       the spare, forked ahead and waiting:
                                                       forward the datagram + fds ──▶ spare:
@@ -45,8 +47,8 @@ Things that don't work
 ----------------------
 - ``multiprocessing``'s forkserver, even preloaded: measured here at ~13 ms a start, 3.5x pebble's
   fork-per-call, because every child re-runs spawn's preparation (``sys.path``, the ``__main__``
-  module) and the server reads its preload list only once. The zygote imports a task's module on
-  first use, so later starts fork it ready-made.
+  module) and the server reads its preload list only once. The zygote imports a task's module
+  once a trial child imported it cleanly and fast, so later starts fork it ready-made.
 - ``multiprocessing``'s fork ``Process``: its child bootstrap (``Process._bootstrap``) costs more
   than the task for trivial work; ``ForkProcess`` keeps only the after-fork hooks objects rely on.
 - Learning of a zygote child's death from anything the child holds: its grandchildren inherit it.
@@ -312,8 +314,10 @@ class Shim:
 
 
 class ZygoteProcess(_LeanProcess):
-    """A child forked by the zygote; ``preload`` names modules the zygote imports first.
-    ``by_value``: pickle with cloudpickle (``procsup._process.reduction``), not by reference."""
+    """A child forked by the zygote; ``preload`` names modules the zygote imports first,
+    ``module`` the task's own, which the zygote imports only once a trial proved it safe there
+    (``procsup._process.trials``). ``by_value``: pickle with cloudpickle
+    (``procsup._process.reduction``), not by reference."""
 
     def __init__(
         self,
@@ -327,9 +331,11 @@ class ZygoteProcess(_LeanProcess):
         stderr: int = -1,
         by_value: bool = False,
         held: Sequence[int] = (),
+        module: str | None = None,
     ) -> None:
         super().__init__(target, args, name)
         self._preload = tuple(preload)
+        self._module = module
         self.by_value = by_value  # read by the caller to explain a failure
         self._token = token  # the zygote cancels it if the supervisor dies (then SIGTERM, SIGKILL)
         self._grace = grace
@@ -382,7 +388,14 @@ class ZygoteProcess(_LeanProcess):
             read_end, write_end = os.pipe2(os.O_CLOEXEC)
             try:
                 self.pid = zygote.spawn(
-                    self._preload, payload, [write_end, *self._fds], ward, self._fresh, stderr, held
+                    self._preload,
+                    payload,
+                    [write_end, *self._fds],
+                    ward,
+                    self._fresh,
+                    stderr,
+                    held,
+                    self._module,
                 )
             except BaseException:
                 os.close(read_end)
@@ -487,6 +500,7 @@ class _Zygote:
         fresh: bool,
         stderr: FdRef | None,
         held: tuple[FdRef, ...] = (),
+        module: str | None = None,
     ) -> int:
         """Have the zygote start a task (``fds``: the status pipe's write end, then the task
         fds); return its pid."""
@@ -503,7 +517,7 @@ class _Zygote:
                 write_all(memfd, payload)
                 fds = [*fds, memfd]
             request = Spawn(
-                tuple(preload), None if big else bytes(payload), ward, fresh, stderr, held
+                tuple(preload), None if big else bytes(payload), ward, fresh, stderr, held, module
             )
             reply = self._call(request, fds)
         finally:
@@ -548,15 +562,16 @@ def import_modules(names: Sequence[str]) -> list[tuple[str, str]]:
     """Import what is not imported yet; return each module that failed, with its error
     (``"ImportError: ..."``).
 
-    A module that raises (SystemExit included) stays unimported and is tried again next time: a
-    supervisor reports it at its first start, a task that needs it fails where it imports it.
+    A module that raises (any BaseException: SystemExit, KeyboardInterrupt, ...) stays unimported
+    and is tried again next time: a supervisor reports it at its first start, a task that needs
+    it fails where it imports it.
     """
     failed = []
     for name in names:
         if name not in sys.modules:
             try:
                 importlib.import_module(name)
-            except (Exception, SystemExit) as exc:  # noqa: BLE001 - returned, for the caller
+            except BaseException as exc:  # noqa: BLE001 - returned, for the caller
                 failed.append((name, f"{type(exc).__name__}: {exc}"))
     return failed
 

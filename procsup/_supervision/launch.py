@@ -176,9 +176,6 @@ def _process(
     preload = [*config.preload, *needs]
     if value:  # a by-value payload names cloudpickle's helpers: import them once, there
         preload.append("cloudpickle")
-    module = home_module(spec.task_fn)  # never __main__: that is the zygote's own
-    if module is not None:
-        preload.append(module)
     return ZygoteProcess(
         entry.main,
         args,
@@ -189,6 +186,7 @@ def _process(
         stderr=stderr,
         by_value=value,
         held=held,
+        module=home_module(spec.task_fn),  # never __main__: that is the zygote's own
     )
 
 

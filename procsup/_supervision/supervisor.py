@@ -19,7 +19,8 @@ Things that don't work
   whatever state they are; forkserver (spawn without it) is the default, fork only when asked.
 - ``multiprocessing``'s forkserver: ~13 ms a start here, and its preload list is read once,
   process-wide. "forkserver" means procsup's zygote (``procsup._process.zygote``), which imports
-  each supervisor's ``preload`` and each task's module on first use, then forks them ready-made.
+  each supervisor's ``preload`` at its first start, and each task's module once a trial child
+  imported it cleanly and fast (``procsup._process.trials``), then forks them ready-made.
 - Sending the token or args after start (a Queue, a Pipe): tokens pickle only while a process is
   being started (they carry the arena's fd), so everything travels in ``Process(args=...)``.
 """
