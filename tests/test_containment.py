@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -286,6 +288,119 @@ def test_signal_handlers_need_the_main_thread(runtime: Supervisor) -> None:
     assert signal.getsignal(signal.SIGTERM) is not before
     runtime.shutdown()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+class _SignalsScript:
+    """``tests.signals_script`` running ``scenario``: its stdout lines, read with a deadline."""
+
+    def __init__(self, scenario: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.signals_script", scenario],
+            stdout=subprocess.PIPE,
+            bufsize=0,
+            cwd=ROOT,
+        )
+        self._buffer = b""
+
+    def line(self) -> str:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            assert select.select([fd], [], [], DEADLINE)[0], f"no line after {self._buffer!r}"
+            chunk = os.read(fd, 4096)
+            assert chunk, f"EOF after {self._buffer!r}"
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode()
+
+    def signal(self, signum: int, answer: str) -> None:
+        self.proc.send_signal(signum)
+        assert self.line() == answer
+
+    def exit_status(self) -> int:
+        out, _ = self.proc.communicate(timeout=DEADLINE)
+        assert self._buffer + out == b""
+        return self.proc.returncode
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.communicate(timeout=DEADLINE)
+
+
+@pytest.fixture
+def signals_script() -> Iterator[Callable[[str], _SignalsScript]]:
+    """Start ``tests.signals_script``; the scripts started are killed after the test."""
+    scripts: list[_SignalsScript] = []
+
+    def start(scenario: str) -> _SignalsScript:
+        scripts.append(_SignalsScript(scenario))
+        return scripts[-1]
+
+    yield start
+    for script in scripts:
+        script.close()
+
+
+def test_signal_handlers_of_two_supervisors_shut_down_in_creation_order(
+    signals_script: Callable[[str], _SignalsScript],
+) -> None:
+    """Test that two supervisors shut down in creation order leave the original handlers behind:
+    SIGINT raises KeyboardInterrupt again and SIGTERM ends the process."""
+    script = signals_script("two")
+    assert script.line() == "ready True"
+    script.signal(signal.SIGINT, "interrupted")
+    script.proc.send_signal(signal.SIGTERM)
+    assert script.exit_status() == -signal.SIGTERM
+
+
+def test_signal_handlers_pass_signals_on_after_a_shutdown_on_another_thread(
+    signals_script: Callable[[str], _SignalsScript],
+) -> None:
+    """Test that after shutdown() on a worker thread, whose handlers stay installed, SIGINT raises
+    KeyboardInterrupt and SIGTERM ends the process, as before install_signal_handlers()."""
+    script = signals_script("thread")
+    assert script.line() == "ready"
+    script.signal(signal.SIGINT, "interrupted")
+    script.proc.send_signal(signal.SIGTERM)
+    assert script.exit_status() == -signal.SIGTERM
+
+
+def test_signal_handlers_pass_the_third_signal_on(
+    signals_script: Callable[[str], _SignalsScript],
+) -> None:
+    """Test that the first SIGINT cancels the root, the second shuts down, and the third raises
+    KeyboardInterrupt in a main loop that does not watch the token (then SIGTERM ends it)."""
+    script = signals_script("third")
+    assert script.line() == "ready"
+    script.signal(signal.SIGINT, "cancelled Supervisor received SIGINT (signal 2)")
+    script.signal(signal.SIGINT, "shut down")
+    script.signal(signal.SIGINT, "interrupted")
+    script.proc.send_signal(signal.SIGTERM)
+    assert script.exit_status() == -signal.SIGTERM
+
+
+def test_signal_handlers_call_a_python_previous_handler_once_shut_down() -> None:
+    """Test that after shutdown() on another thread the handlers, still installed, call the Python
+    handler they replaced, and that shutdown() on the main thread then puts it back."""
+    seen: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        seen.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        sup = Supervisor()
+        sup.install_signal_handlers()
+        worker = threading.Thread(target=sup.shutdown, name="not-main")
+        worker.start()
+        worker.join(DEADLINE)
+        assert signal.getsignal(signal.SIGTERM) is not handler
+        signal.raise_signal(signal.SIGTERM)  # runs the handler before it returns
+        assert seen == [signal.SIGTERM]
+        sup.shutdown()
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _capture(fn: Callable[[], object], errors: list[BaseException]) -> None:

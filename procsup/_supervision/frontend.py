@@ -16,7 +16,8 @@ in the hooks: ``_launched()`` after a first run started, ``_shutting_down()`` on
 has begun, ``_finish()`` to let the backend go.
 
 Invariants (under ``_lock``): ``_closed`` is set once by ``shutdown()``; no task starts after it.
-``_signals`` is the installed ``SignalBridge`` until ``shutdown()`` uninstalls it.
+``_signals`` is the installed ``SignalBridge`` until ``shutdown()`` uninstalls it on the main
+thread (on another, it only closes it: its handlers pass every signal on).
 """
 
 from __future__ import annotations
@@ -159,8 +160,11 @@ class Frontend:
         The first signal cancels ``token`` with a cause naming it ("Supervisor received SIGTERM
         (signal 15)"); the program is expected to notice and shut down. A second signal calls
         ``shutdown()`` with a grace of at most one second. The handlers never block: they write
-        one byte to a pipe that a "procsup-signals" thread reads. ``shutdown()`` (on the main
-        thread) restores the previous handlers. Idempotent.
+        one byte to a pipe that a "procsup-signals" thread reads. A third signal, and every
+        signal after ``shutdown()``, goes to the handler that was there before (by default,
+        SIGINT raises ``KeyboardInterrupt`` again). ``shutdown()`` on the main thread restores the
+        previous handlers where ours are still the current ones; on another thread it leaves
+        them, passing every signal on, until the main thread calls ``shutdown()``. Idempotent.
 
         Raises:
             RuntimeError: not called from the main thread, or after ``shutdown()``.
