@@ -230,7 +230,9 @@ class Monitor:
     reaps them, and returns. ``_roles`` maps every fd registered with ``_epoll`` to what it is
     for; an entry is added just before its fd is registered (by any thread) and removed by the
     thread just after it is unregistered, before the fd is closed, so a reused fd number is never
-    mistaken for its predecessor.
+    mistaken for its predecessor. ``_wake_r``/``_wake_w`` are the wake-up pipe until the first
+    ``close()`` that finds the thread ended closes it (with ``_epoll``), then -1 (under
+    ``_wake_lock``).
     """
 
     def __init__(self) -> None:
@@ -241,6 +243,7 @@ class Monitor:
         self._roles: dict[int, tuple[str, TaskRecord | None]] = {}
         self.shims: dict[int, Shim] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_lock = threading.Lock()  # guards closing the pipe against a write to it
         self._watch(self._wake_r, "wake", None)
         self.timers = Timers(self._wake)  # restarts and timeouts: the poll timeout honours them
         self._thread = threading.Thread(target=self._run, name="procsup-supervisor", daemon=True)
@@ -271,18 +274,25 @@ class Monitor:
         del self._roles[fd]
 
     def close(self, timeout: float) -> bool:
-        """Let the thread return once no task is live; True once it has and fds are closed."""
+        """Let the thread return once no task is live; True once it has and fds are closed.
+
+        From any number of threads at once. On the thread itself (a callback it runs), nothing
+        is waited for: it returns False, and a later call from another thread closes the fds.
+        """
         with self.lock:
             self._exiting = True
         self._wake()
+        if self.on_thread():
+            return False
         self._thread.join(timeout)
         if self._thread.is_alive():
             return False
-        if self._wake_w >= 0:
-            self._epoll.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self._wake_r = self._wake_w = -1
+        with self._wake_lock:  # once, whoever gets here first
+            if self._wake_w >= 0:
+                self._epoll.close()
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r = self._wake_w = -1
         return True
 
     @property
@@ -290,11 +300,16 @@ class Monitor:
         """True while the supervision thread runs."""
         return self._thread.is_alive()
 
+    def on_thread(self) -> bool:
+        """True on the supervision thread itself (its timers' callbacks, event callbacks)."""
+        return threading.current_thread() is self._thread
+
     def _wake(self) -> None:
-        if self._wake_w < 0:
-            return
-        with contextlib.suppress(BlockingIOError):  # a full pipe already means "wake up"
-            os.write(self._wake_w, b"\0")
+        with self._wake_lock:  # never a write to a closed (or reused) fd number
+            if self._wake_w < 0:
+                return
+            with contextlib.suppress(BlockingIOError):  # a full pipe already means "wake up"
+                os.write(self._wake_w, b"\0")
 
     def _run(self) -> None:
         try:
