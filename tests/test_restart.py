@@ -255,6 +255,35 @@ def test_parent_cancelled_during_backoff_starts_no_run(runtime: Supervisor, runs
     assert _runs(runs) == 1
 
 
+@pytest.mark.parametrize("cancelled", ["parent", "root"])
+def test_cancellation_during_backoff_publishes_at_once(
+    runtime: Supervisor, runs: str, cancelled: str
+) -> None:
+    """Test that a parent (or root) cancelled during a backoff ends the wait before its timer."""
+    parent = CancellationToken() if cancelled == "parent" else runtime.token
+    with runtime.events() as events:
+        h = runtime.spawn(
+            daemon_tasks.fail_until,
+            "long backoff",
+            args=(runs, 100),
+            parent_token=parent if cancelled == "parent" else None,
+            restart="permanent",
+            # At least 2 * DEADLINE (the jitter's lower bound): join(DEADLINE) below can only
+            # succeed if the cancellation ends the backoff, never because its timer fired.
+            backoff=(4 * DEADLINE, 4 * DEADLINE),
+        )
+        assert [events.get(DEADLINE).kind for _ in range(2)] == ["started", "failed"]
+        assert [t.state for t in runtime.tasks()] == ["restarting"]
+        parent.cancel("the application is shutting down")
+        with pytest.raises(TaskFailedError, match="run 1 failed"):
+            h.join(DEADLINE)
+        assert runtime.tasks() == []
+        events.close()
+        assert "restarted" not in [event.kind for event in events]
+    assert (h.restarts, _runs(runs)) == (0, 1)
+    assert parent.cause == "the application is shutting down"
+
+
 def test_shutdown_during_backoff_resolves_the_handle(start_method: str, runs: str) -> None:
     """Test that a task waiting to restart when its supervisor shuts down is final at once."""
     sup = Supervisor(start_method=start_method, grace_period=1.0)

@@ -89,6 +89,9 @@ class FakeBackend:
     def live(self) -> list[Run]:
         return [run for run in self.runs if not run.future.done()]
 
+    def on_outcome_thread(self) -> bool:
+        return False  # its timers fire on the test's thread, which never waits on them
+
     def close(self) -> None:
         self.closed = True
 

@@ -21,6 +21,7 @@ from procsup import (
     CriticalTaskExecutionHandle,
     Supervisor,
     TaskCrashedError,
+    TaskEvent,
     TaskFailedError,
 )
 from procsup._supervision.monitor import Monitor, TaskRecord
@@ -150,6 +151,103 @@ def test_shutdown_escalates_stragglers_and_reaps(start_method: str, pipe: Pipe) 
     strict.shutdown()  # idempotent
     with pytest.raises(RuntimeError, match="shut down"):
         strict.spawn(tasks.return_value, "late", args=(1,))
+
+
+def _wait_gone(name: str) -> bool:
+    """Wait (bounded) until no thread is called ``name``."""
+    for thread in [t for t in threading.enumerate() if t.name == name]:
+        thread.join(DEADLINE)
+    return not any(t.name == name for t in threading.enumerate())
+
+
+def test_shutdown_from_an_event_callback(start_method: str, pipe: Pipe) -> None:
+    """Test that shutdown() in an on_event callback returns at once and still ends every task."""
+    sup = Supervisor(start_method=start_method, grace_period=DEADLINE)
+    reader, writer = pipe()
+    stubborn = sup.spawn(tasks.ignore_cancel, "stubborn", args=(writer,))
+    writer.close()
+    assert reader.poll(DEADLINE)  # running
+    seen: list[object] = []
+    returned = threading.Event()
+
+    def shut_down_on_failure(event: TaskEvent) -> None:
+        if event.kind == "failed":
+            seen.append(threading.current_thread().name)
+            try:
+                sup.shutdown(timeout=0)  # stubborn: SIGTERM at once, from the thread's timers
+                seen.append("returned")
+            except BaseException as exc:  # the callback's errors are only logged
+                seen.append(exc)
+            returned.set()
+
+    sup.on_event(shut_down_on_failure)
+    failing = sup.spawn(tasks.fail, "fails", parent_token=CancellationToken())
+    try:
+        assert returned.wait(DEADLINE)
+        assert seen == ["procsup-supervisor", "returned"]
+        with pytest.raises(TaskFailedError):
+            failing.join(DEADLINE)
+        with pytest.raises(TaskCrashedError, match="stopped on request") as info:
+            stubborn.join(DEADLINE)
+        assert info.value.stopped
+        assert sup.token.cause == "Supervisor shut down"
+        with pytest.raises(RuntimeError, match="shut down"):
+            sup.spawn(tasks.return_value, "late", args=(1,))
+        # The shutdown ends on its own: the supervision thread and the one that waited for it.
+        assert _wait_gone("procsup-shutdown")
+        assert _wait_gone("procsup-supervisor")
+    finally:
+        if returned.is_set():  # else the supervision thread is stuck: no shutdown could end
+            sup.shutdown(timeout=0)  # idempotent
+
+
+def test_stop_and_join_from_an_event_callback(start_method: str, pipe: Pipe) -> None:
+    """Test that stop() in an on_event callback returns at once, and join() cannot hang there."""
+    sup = Supervisor(start_method=start_method, grace_period=DEADLINE)
+    reader, writer = pipe()
+    stubborn = sup.spawn(tasks.ignore_cancel, "stubborn", args=(writer,))
+    writer.close()
+    assert reader.poll(DEADLINE)
+    seen: list[object] = []
+    returned = threading.Event()
+
+    def stop_on_failure(event: TaskEvent) -> None:
+        if event.kind != "failed":
+            return
+        calls: tuple[Callable[[], object], ...] = (
+            lambda: stubborn.stop(timeout=0),  # SIGTERM once the callback has returned
+            lambda: stubborn.join(DEADLINE),  # unfinished: it could never return here
+            lambda: failing.join(DEADLINE),  # published before the event: it raises that
+        )
+        for call in calls:
+            try:
+                seen.append(call())
+            except BaseException as exc:  # the callback's errors are only logged
+                seen.append(exc)
+        returned.set()
+
+    ready, told = pipe()
+    failing = sup.spawn(
+        tasks.fail_after_ready, "fails", args=(told,), parent_token=CancellationToken()
+    )
+    told.close()
+    sup.on_event(stop_on_failure)
+    try:
+        assert ready.poll(DEADLINE)
+        failing.cancel()  # it fails now: the "failed" event
+        assert returned.wait(DEADLINE)
+        stopped, joined, failed = seen
+        assert stopped is None
+        assert isinstance(joined, RuntimeError)
+        assert "supervision thread" in str(joined)
+        assert isinstance(failed, TaskFailedError)
+        with pytest.raises(TaskCrashedError, match="stopped on request") as info:
+            stubborn.join(DEADLINE)
+        assert info.value.stopped
+        assert not sup.token.is_cancelled()  # a stop leaves the parent alone
+    finally:
+        if returned.is_set():  # else the supervision thread is stuck: no shutdown could end
+            sup.shutdown(timeout=0)
 
 
 def test_spawn_defaults_to_the_supervisor_token(runtime: Supervisor) -> None:

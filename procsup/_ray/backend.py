@@ -265,6 +265,10 @@ class RayBackend:
         with self._lock:
             return list(self._runs.values())
 
+    def on_outcome_thread(self) -> bool:
+        # Outcomes and ladders step on the loop; restarts and timeouts on the timers.
+        return self._loop.current or self._timers.current
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

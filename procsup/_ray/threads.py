@@ -98,6 +98,11 @@ class TimerThread:
         """Run ``callback`` on this thread once ``delay`` seconds have passed."""
         return self.timers.call_later(delay, callback)
 
+    @property
+    def current(self) -> bool:
+        """True on the timers' own thread."""
+        return threading.current_thread() is self._thread
+
     def _run(self) -> None:
         try:
             while not self._closing:

@@ -9,6 +9,8 @@
       tasks(), events(), on_event(): the StatusHub        install_signal_handlers(): SignalBridge
       shutdown(): close the backend ─▶ cancel the root ─▶ the ladder for every live run, again
                   for runs whose start was under way ─▶ _finish(): join the backend (and more)
+                  (on the backend's outcome thread: the ladders start there, and the rest runs
+                  on a "procsup-shutdown" thread)
 
 A subclass names itself (``_NAME``, in errors and the root's cancellation cause), declares its own
 ``spawn()`` (its options differ: a Ray run says where it may go) and calls ``_spawn()``, and fills
@@ -18,6 +20,13 @@ has begun, ``_finish()`` to let the backend go.
 Invariants (under ``_lock``): ``_closed`` is set once by ``shutdown()``; no task starts after it.
 ``_signals`` is the installed ``SignalBridge`` until ``shutdown()`` uninstalls it on the main
 thread (on another, it only closes it: its handlers pass every signal on).
+
+Things that don't work
+----------------------
+- Waiting in ``shutdown()`` when it is called on the backend's outcome thread (an ``on_event``
+  callback: "shut down on the first crash"): the outcomes and the ladder's steps it waits for
+  are that thread's to deliver, and it hung forever, and the interpreter's exit after it. There
+  it starts what needs no waiting and leaves the waits to a thread of their own.
 """
 
 from __future__ import annotations
@@ -25,23 +34,26 @@ from __future__ import annotations
 import concurrent.futures
 import enum
 import functools
+import logging
 import signal
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Self
 
 from procsup._os.timeouts import check_timeout
-from procsup._os.tree import REAP_DEADLINE
+from procsup._os.tree import REAP_DEADLINE, Ladder
 from procsup._supervision.aio import off_loop
 from procsup._supervision.handle import CriticalTaskExecutionHandle
 from procsup._supervision.lifecycle import Lifecycle
 from procsup._supervision.options import DEFAULT, TaskOptions, check_call
-from procsup._supervision.runtime import Backend
+from procsup._supervision.runtime import Backend, Run
 from procsup._supervision.signals import SignalBridge
 from procsup._supervision.status import EventStream, StatusHub, TaskEvent, TaskSnapshot
 from procsup._token.token import CancellationToken
 
 __all__ = ["GRACE_PERIOD", "Frontend", "GracePeriod"]
+
+logger = logging.getLogger("procsup")
 
 
 class GracePeriod(enum.Enum):
@@ -189,6 +201,15 @@ class Frontend:
         Idempotent. Outcomes stay available on the handles. Tasks killed here raise
         ``TaskCrashedError`` (stopped on request) from ``join()`` and leave their parent alone.
 
+        Called on the supervision thread (from an ``on_event`` callback, say "shut down on the
+        first failure"), it cannot wait: that thread alone publishes outcomes and steps the
+        escalation. It then returns at once, having done what needs no waiting: no task starts
+        or is restarted any more, the root token is cancelled, and every live task is on its way
+        down (its token cancelled, SIGTERM and SIGKILL scheduled after ``timeout``). A
+        "procsup-shutdown" thread waits for them and lets go, as a call from another thread
+        would; their outcomes are published once the callback has returned. A ``shutdown()``
+        from another thread (``with``, interpreter exit) still waits for all of it.
+
         Raises:
             ValueError, TypeError: ``timeout`` is negative, NaN or not a number; nothing is shut
                 down then.
@@ -207,10 +228,28 @@ class Frontend:
         cause = f"{self._NAME} shut down"
         self.token.cancel(cause)
         runs = backend.live()
+        if not backend.on_outcome_thread():
+            self._stop_all(runs, wait, cause, None)
+            return
+        # Every wait below needs this very thread: start the ladders here, wait on another.
+        ladder = backend.stop(runs, wait, cause, _stop_reason(wait)) if runs else None
+        threading.Thread(
+            target=self._stop_all_later,
+            args=(runs, wait, cause, ladder),
+            name="procsup-shutdown",
+            daemon=True,
+        ).start()
+
+    def _stop_all(
+        self, runs: list[Run], wait: float | None, cause: str, ladder: Ladder | None
+    ) -> None:
+        """``shutdown()``'s waits: ``runs`` down their ladder (started already unless None),
+        then any run whose start was under way, then ``_finish()``."""
+        backend = self._backend
         while runs:  # again, for any task whose start was under way when we closed
             futures = [run.future for run in runs]
-            reason = f"it did not honour cancellation within {wait} s of shutdown"
-            ladder = backend.stop(runs, wait, cause, reason)
+            if ladder is None:
+                ladder = backend.stop(runs, wait, cause, _stop_reason(wait))
             pending: set[concurrent.futures.Future[Any]] = set(futures)
             while pending and not ladder.done.done():
                 concurrent.futures.wait([*pending, ladder.done], return_when="FIRST_COMPLETED")
@@ -218,7 +257,17 @@ class Frontend:
             if pending and not ladder.done.result():  # all exited: their outcomes are on the way
                 concurrent.futures.wait(pending, REAP_DEADLINE)
             runs = [run for run in backend.live() if run.future not in futures]
+            ladder = None
         self._finish()
+
+    def _stop_all_later(
+        self, runs: list[Run], wait: float | None, cause: str, ladder: Ladder | None
+    ) -> None:
+        """The "procsup-shutdown" thread: ``_stop_all()``, with nobody to raise to."""
+        try:
+            self._stop_all(runs, wait, cause, ladder)
+        except Exception:
+            logger.exception("procsup: %s shutdown failed", self._NAME)
 
     def _owned(self) -> bool:
         """False in a process that is not this supervisor's own (a forked copy is inert)."""
@@ -236,3 +285,7 @@ class Frontend:
 
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
+
+
+def _stop_reason(wait: float | None) -> str:
+    return f"it did not honour cancellation within {wait} s of shutdown"

@@ -248,9 +248,22 @@ class CriticalTaskExecutionHandle(Generic[T]):
             ValueError, TypeError: ``timeout`` is negative, NaN or not a number.
 
         May be called any number of times; each call returns (or raises) the same outcome.
+
+        On the supervision thread (an ``on_event`` callback), which alone publishes outcomes,
+        ``join()`` of a task whose outcome is not published yet raises ``RuntimeError`` at once,
+        whatever ``timeout`` says: it could only hang. A published outcome is returned (or
+        raised) as anywhere else; the final event of a restartable task comes just before its
+        outcome is published.
         """
         wait = check_timeout(timeout)
         self._detached = True  # as in the seed, join() consumes the obligation to detach
+        life = self._life
+        if not life.future.done() and life.backend.on_outcome_thread():
+            raise RuntimeError(
+                f"join() of critical task '{self.description}' on the supervision thread (an "
+                "on_event callback?): its outcome is published by that very thread, so the wait "
+                "could never end; join it from another thread"
+            )
         try:
             return self._life.future.result(wait)  # type: ignore[no-any-return]
         except concurrent.futures.TimeoutError:
@@ -287,7 +300,7 @@ class CriticalTaskExecutionHandle(Generic[T]):
         it fails. Idempotent."""
         self._detached = True
 
-    def stop(self, timeout: float | None = 5.0) -> T:
+    def stop(self, timeout: float | None = 5.0) -> T | None:
         """Cancel the task, wait ``timeout`` seconds, then SIGTERM and (a second later) freeze and
         SIGKILL its whole process tree; return or raise like ``join()``.
 
@@ -297,6 +310,12 @@ class CriticalTaskExecutionHandle(Generic[T]):
 
         A task killed here raises ``TaskCrashedError`` with ``stopped=True`` and leaves its parent
         token alone; a task that returns or fails in time behaves exactly as with ``join()``.
+
+        On the supervision thread (an ``on_event`` callback) nothing can be waited for: that
+        thread alone steps the escalation and publishes outcomes. ``stop()`` then returns at
+        once, with the task on its way down (no restart; its token cancelled; SIGTERM and
+        SIGKILL scheduled after ``timeout``): it returns or raises like ``join()`` if the
+        outcome is published already, else it returns None; ``join()`` it from another thread.
 
         Raises:
             TimeoutError: The task survived SIGKILL (a process stuck in the kernel, D state); the
@@ -308,6 +327,8 @@ class CriticalTaskExecutionHandle(Generic[T]):
         self._detached = True
         life = self._life
         ladder = life.stop(*self._stop_reasons(timeout), wait)
+        if life.backend.on_outcome_thread():  # every wait below needs this very thread
+            return self.join() if life.future.done() else None
         # Again if a restart was under way: its run is stopped too, on a ladder of its own.
         while ladder is not None and not life.future.done():
             concurrent.futures.wait([life.future, ladder.done], return_when="FIRST_COMPLETED")

@@ -10,6 +10,8 @@
                                     more than max_restarts within period        ─▶ cancel parent
                                                                                    ("escalated")
                                     else: backend.call_later(backoff) ─▶ _restart() ─▶ run 2 ...
+                                          + a watch of the parent ─▶ cancelled during the
+                                            backoff: _parent_cancelled() ─▶ final outcome, at once
     handle.join() ◀── Lifecycle.future: set once, with the final outcome only
 
 Policies (OTP ``restart`` values): ``temporary`` runs once, and a failure cancels the parent (the
@@ -27,7 +29,16 @@ Things that don't work
 - Restarting from the thread that joins: a detached task has nobody joining, and must restart (or
   escalate) all the same. Decisions are made in the outcome's done-callback, on the supervision
   thread, and the restart is a timer on that thread's heap (``procsup._supervision.timers``): no
-sleep there. - Reusing the first run's token: a cancelled token stays cancelled. Each run gets
+  sleep there.
+- Looking at the parent only when the backoff's timer fires (as ``_restart()`` once did alone): a
+  parent cancelled during a 20 s backoff left ``join()`` waiting, and ``tasks()`` saying
+  "restarting", for the rest of it. While a task waits out its backoff, its parent is watched
+  (``procsup._token.watch``: the process's ``awaiting()`` watch, whose thread sleeps on the
+  token's futex word and exists only while something is watched); its cancellation ends the wait
+  and publishes the last outcome from the watch's thread, as ``cancel()`` does from its caller's
+  (``_publish()`` runs once, whichever thread gets there first). Polling ``is_cancelled()`` on
+  the timers instead would trade latency for wake-ups.
+- Reusing the first run's token: a cancelled token stays cancelled. Each run gets
   ``parent.child_token()``, made here (``_spec()``) like the first.
 - Waiting for a timed-out run's end on the supervision thread: that thread publishes it. A
   timeout starts the backend's ladder (``backend.stop(failure=True)``), which steps on timers.
@@ -56,6 +67,7 @@ from procsup._supervision.runtime import Backend, Run, RunSpec
 from procsup._supervision.status import EventKind, StatusHub, TaskEvent, TaskSnapshot, TaskState
 from procsup._supervision.timers import Timer
 from procsup._token.token import CancellationToken, lock_is_free
+from procsup._token.watch import Watched, awaiting
 
 __all__ = ["Lifecycle"]
 
@@ -71,7 +83,10 @@ class Lifecycle:
     Invariants (under ``lock``): ``record`` is the current (or last) run, None only before the
     first start; ``future`` is set once, with the final outcome, after the parent was cancelled if
     that outcome cancels it (for a temporary task it *is* the run's future); ``_stopping`` is True
-    once no further run may start; ``_pending`` is the restart timer while between runs, else None.
+    once no further run may start; ``_pending`` is the restart timer while between runs, else None;
+    ``_watched`` is the watch of the parent while a backoff is waited out (set with ``_pending``
+    in ``_ended()``, cancelled whenever that backoff ends, however it ends), else None;
+    ``_published`` is True once ``future`` holds the final outcome (a restartable task's).
     """
 
     def __init__(
@@ -104,6 +119,8 @@ class Lifecycle:
         self._restart_times: collections.deque[float] = collections.deque()
         self._stopping = False
         self._pending: Timer | None = None
+        self._watched: Watched | None = None
+        self._published = False
         self._deadline: Timer | None = None
         self._started = 0.0
         self._stop: tuple[str, str, float | None] | None = None  # stop()'s reasons and grace
@@ -207,17 +224,40 @@ class Lifecycle:
                 final = True
             else:
                 self._pending = self.backend.call_later(delay, self._restart)
+                # Fires at once if the parent is cancelled already (since the look above).
+                self._watched = awaiting().watch(self.parent, self._parent_cancelled)
         if final:
             self._publish()
+
+    def _parent_cancelled(self, cause: str) -> None:
+        """On the watch's thread: the parent was cancelled during the backoff. No run will follow
+        (it would be born cancelled), so the last outcome is final now, not when the timer fires."""
+        with self.lock:
+            pending, watched = self._end_backoff()
+            if pending is None:  # the backoff ended meanwhile: _restart() or cancel() decides
+                return
+            self._stopping = True
+        pending.cancel()
+        if watched is not None:
+            watched.cancel()
+        self._publish()
+
+    def _end_backoff(self) -> tuple[Timer | None, Watched | None]:
+        """Under ``lock``: no backoff any more; return its timer and watch, to be cancelled."""
+        pending, self._pending = self._pending, None
+        watched, self._watched = self._watched, None
+        return pending, watched
 
     def _restart(self) -> None:
         """On the supervision thread, once the backoff has passed (or at once if it is leaving)."""
         with self.lock:
-            self._pending = None
+            _, watched = self._end_backoff()
             # The parent may have been cancelled during the backoff: a run would be born cancelled.
             stop = self._stopping or self.backend.closed or self.parent.is_cancelled()
             if stop:
                 self._stopping = True
+        if watched is not None:
+            watched.cancel()
         if stop:
             self._publish()
             return
@@ -273,8 +313,10 @@ class Lifecycle:
     def _publish(self, cancel_parent: bool = True) -> None:
         """Publish the last run's outcome as final; a failure cancels the parent first."""
         value, error = self._last
-        if self.future.done():
-            return
+        with self.lock:  # once: the watch's thread and the supervision thread may both get here
+            if self._published or self.future.done():
+                return
+            self._published = True
         if error is not None:
             if cancel_parent and isinstance(error, CriticalTaskError) and not _stopped(error):
                 self.parent.cancel(str(error))
@@ -293,7 +335,9 @@ class Lifecycle:
         with self.lock:
             self._stopping = True
             record = self.record
-            pending, self._pending = self._pending, None
+            pending, watched = self._end_backoff()
+        if watched is not None:
+            watched.cancel()
         if pending is not None:
             pending.cancel()
             self._publish()
@@ -309,7 +353,9 @@ class Lifecycle:
             self._stopping = True
             self._stop = (cancel_reason, stop_reason, grace)
             record = self.record
-            pending, self._pending = self._pending, None
+            pending, watched = self._end_backoff()
+        if watched is not None:
+            watched.cancel()
         if pending is not None:
             pending.cancel()
             self._publish()

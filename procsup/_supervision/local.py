@@ -195,6 +195,10 @@ class LocalBackend:
             runs: list[Run] = list(monitor.live)
         return runs
 
+    def on_outcome_thread(self) -> bool:
+        monitor = self._monitor
+        return monitor is not None and monitor.on_thread()
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

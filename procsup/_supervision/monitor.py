@@ -231,7 +231,9 @@ class Monitor:
     reaps them, and returns. ``_roles`` maps every fd registered with ``_epoll`` to what it is
     for; an entry is added just before its fd is registered (by any thread) and removed by the
     thread just after it is unregistered, before the fd is closed, so a reused fd number is never
-    mistaken for its predecessor.
+    mistaken for its predecessor. ``_wake_r``/``_wake_w`` are the wake-up pipe until the first
+    ``close()`` that finds the thread ended closes it (with ``_epoll``), then -1 (under
+    ``_wake_lock``).
     """
 
     def __init__(self) -> None:
@@ -273,10 +275,16 @@ class Monitor:
         del self._roles[fd]
 
     def close(self, timeout: float) -> bool:
-        """Let the thread return once no task is live; True once it has and fds are closed."""
+        """Let the thread return once no task is live; True once it has and fds are closed.
+
+        From any number of threads at once. On the thread itself (a callback it runs), nothing
+        is waited for: it returns False, and a later call from another thread closes the fds.
+        """
         with self.lock:
             self._exiting = True
         self._wake()
+        if self.on_thread():
+            return False
         self._thread.join(timeout)
         if self._thread.is_alive():
             return False
@@ -292,6 +300,10 @@ class Monitor:
     def alive(self) -> bool:
         """True while the supervision thread runs."""
         return self._thread.is_alive()
+
+    def on_thread(self) -> bool:
+        """True on the supervision thread itself (its timers' callbacks, event callbacks)."""
+        return threading.current_thread() is self._thread
 
     def _wake(self) -> None:
         with self._wake_lock:  # never a write to the number of a closed fd (reused, maybe)

@@ -53,6 +53,10 @@ Who calls what, from which thread:
 - ``call_later(delay, fn)``: any thread; ``fn`` runs on the outcome thread, which must never wait
   on another process. Restarts after a backoff and per-run timeouts use it.
 - ``live()``: any thread; the runs whose outcome is not published yet.
+- ``on_outcome_thread()``: any thread; True on a thread the backend needs in order to publish
+  outcomes (its outcome thread, the thread its ``call_later`` callbacks run on). Code running
+  there (an ``on_event`` callback) must not wait for an outcome or a ladder: only that thread
+  could complete them.
 - ``close()``: no start after it; ``join(timeout)`` once ``live()`` is empty: True once the
   backend's threads have ended and its fds are closed.
 """
@@ -161,6 +165,8 @@ class Backend(Protocol):
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer: ...
 
     def live(self) -> list[Run]: ...
+
+    def on_outcome_thread(self) -> bool: ...
 
     def close(self) -> None: ...
 

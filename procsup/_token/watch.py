@@ -20,8 +20,9 @@ A cancellation wakes the watcher exactly as it wakes a thread in ``CancellationT
 and the watcher sets it before its first look, its futex syscall ordering that store before the
 kernel's load of the word.
 
-``await token.cancelled()`` is a watch too: ``awaiting()`` is the process's watch for it, whose
-threads end whenever nothing is awaited (``idle_exit``) and which a forked child starts afresh.
+``await token.cancelled()`` is a watch too: ``awaiting()`` is the process's watch for it (and for
+a restart's backoff), whose threads end whenever nothing is watched (``idle_exit``) and which a
+forked child starts afresh.
 
 Things that don't work
 ----------------------
@@ -352,9 +353,11 @@ _awaiting_lock = threading.Lock()
 
 
 def awaiting() -> TokenWatch:
-    """The process's watch behind ``await token.cancelled()``, made on first use.
+    """The process's watch behind ``await token.cancelled()``, made on first use; also the
+    watch of a restartable task's parent while it waits out a backoff
+    (``procsup._supervision.lifecycle``).
 
-    Its threads (``procsup-token-waiter``) end whenever no await is pending, so a process that
+    Its threads (``procsup-token-waiter``) end whenever nothing is watched, so a process that
     awaits nothing holds none, and no ``close()`` is ever due.
     """
     global _awaiting
