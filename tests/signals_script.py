@@ -76,4 +76,8 @@ def main(scenario: str) -> int:
 
 
 if __name__ == "__main__":
+    # As an interactive program starts: a shell runs a background job with SIGINT ignored, and
+    # the test's process (and so this one) may have been started as one.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     sys.exit(main(sys.argv[1]))

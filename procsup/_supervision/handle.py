@@ -24,7 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, Generic, Protocol, TypeVar, overload, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, cast, overload, runtime_checkable
 
 from procsup._os.timeouts import check_timeout
 from procsup._os.tree import REAP_DEADLINE
@@ -300,7 +300,7 @@ class CriticalTaskExecutionHandle(Generic[T]):
         it fails. Idempotent."""
         self._detached = True
 
-    def stop(self, timeout: float | None = 5.0) -> T | None:
+    def stop(self, timeout: float | None = 5.0) -> T:
         """Cancel the task, wait ``timeout`` seconds, then SIGTERM and (a second later) freeze and
         SIGKILL its whole process tree; return or raise like ``join()``.
 
@@ -328,7 +328,7 @@ class CriticalTaskExecutionHandle(Generic[T]):
         life = self._life
         ladder = life.stop(*self._stop_reasons(timeout), wait)
         if life.backend.on_outcome_thread():  # every wait below needs this very thread
-            return self.join() if life.future.done() else None
+            return self.join() if life.future.done() else cast(T, None)
         # Again if a restart was under way: its run is stopped too, on a ladder of its own.
         while ladder is not None and not life.future.done():
             concurrent.futures.wait([life.future, ladder.done], return_when="FIRST_COMPLETED")
