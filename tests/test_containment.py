@@ -341,25 +341,20 @@ def signals_script() -> Iterator[Callable[[str], _SignalsScript]]:
         script.close()
 
 
-def test_signal_handlers_of_two_supervisors_shut_down_in_creation_order(
-    signals_script: Callable[[str], _SignalsScript],
+@pytest.mark.parametrize(
+    ("scenario", "ready"),
+    [("two", "ready True"), ("thread", "ready")],
+    ids=["two_supervisors_shut_down_in_creation_order", "shut_down_on_another_thread"],
+)
+def test_signal_handlers_pass_signals_on_once_shut_down(
+    signals_script: Callable[[str], _SignalsScript], scenario: str, ready: str
 ) -> None:
-    """Test that two supervisors shut down in creation order leave the original handlers behind:
-    SIGINT raises KeyboardInterrupt again and SIGTERM ends the process."""
-    script = signals_script("two")
-    assert script.line() == "ready True"
-    script.signal(signal.SIGINT, "interrupted")
-    script.proc.send_signal(signal.SIGTERM)
-    assert script.exit_status() == -signal.SIGTERM
-
-
-def test_signal_handlers_pass_signals_on_after_a_shutdown_on_another_thread(
-    signals_script: Callable[[str], _SignalsScript],
-) -> None:
-    """Test that after shutdown() on a worker thread, whose handlers stay installed, SIGINT raises
-    KeyboardInterrupt and SIGTERM ends the process, as before install_signal_handlers()."""
-    script = signals_script("thread")
-    assert script.line() == "ready"
+    """Test that once their supervisors have shut down, SIGINT raises KeyboardInterrupt and
+    SIGTERM ends the process, as before install_signal_handlers(): after two supervisors shut
+    down in creation order ("ready True": the original SIGINT handler is back), and after a
+    shutdown() on a worker thread (whose handlers stay installed, passing every signal on)."""
+    script = signals_script(scenario)
+    assert script.line() == ready
     script.signal(signal.SIGINT, "interrupted")
     script.proc.send_signal(signal.SIGTERM)
     assert script.exit_status() == -signal.SIGTERM

@@ -37,6 +37,19 @@ def _zygote_pid() -> int:
     return zygote._process.pid
 
 
+def _running(
+    sup: Supervisor, description: str, parent: CancellationToken
+) -> CriticalTaskExecutionHandle[str]:
+    """A task that waits for its cancellation, once it says it is running (a handshake)."""
+    reader, writer = mp.Pipe(duplex=False)
+    handle = sup.spawn(tasks.wait_for_cancel, description, args=(writer,), parent_token=parent)
+    writer.close()
+    assert reader.poll(DEADLINE)
+    assert reader.recv() == "ready"
+    reader.close()
+    return handle
+
+
 def test_a_task_module_whose_top_level_segfaults_crashes_its_own_task_only(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -46,12 +59,7 @@ def test_a_task_module_whose_top_level_segfaults_crashes_its_own_task_only(
         parent = CancellationToken()
         assert sup.spawn(tasks.return_value, "the zygote is up", args=(0,)).join(DEADLINE) == 0
         zygote = _zygote_pid()
-        reader, writer = mp.Pipe(duplex=False)
-        running = sup.spawn(tasks.wait_for_cancel, "bystander", args=(writer,), parent_token=parent)
-        writer.close()
-        assert reader.poll(DEADLINE)
-        assert reader.recv() == "ready"
-        reader.close()
+        running = _running(sup, "bystander", parent)
         monkeypatch.setenv(zygote_import_segfault.CRASH, "1")
         for _ in range(2):
             own_parent = CancellationToken()
@@ -97,12 +105,7 @@ def test_a_task_module_whose_top_level_blocks_holds_up_no_other_task(
     try:
         with Supervisor(grace_period=2.0) as sup:
             parent = CancellationToken()
-            reader, writer = mp.Pipe(duplex=False)
-            victim = sup.spawn(tasks.wait_for_cancel, "victim", args=(writer,), parent_token=parent)
-            writer.close()
-            assert reader.poll(DEADLINE)
-            assert reader.recv() == "ready"
-            reader.close()
+            victim = _running(sup, "victim", parent)
             monkeypatch.setenv(zygote_import_gate.GATE, str(gate_path))
             monkeypatch.setenv(zygote_import_gate.ARRIVED, str(arrived_path))
             started: list[CriticalTaskExecutionHandle[int]] = []

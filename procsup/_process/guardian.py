@@ -267,7 +267,7 @@ class Guardian:
                 pid not in self.children
                 and pid not in self.known
                 and pid not in self.spares
-                and self.trials.get(pid, 0) is not None
+                and pid not in self.trials
             ):
                 with contextlib.suppress(psutil.Error):
                     orphans.append(psutil.Process(pid))

@@ -189,14 +189,13 @@ class _Server:
     def run(self) -> None:
         guardian = self.guardian
         while True:
-            timeout = guardian.timeout()
-            if self.spare_due is not None:
-                left = max(0.0, self.spare_due - time.monotonic())
-                timeout = left if timeout is None else min(timeout, left)
-            left_trial = self.trials.timeout()
-            if left_trial is not None:
-                timeout = left_trial if timeout is None else min(timeout, left_trial)
-            ready = self.selector.select(timeout)
+            spare = None if self.spare_due is None else max(0.0, self.spare_due - time.monotonic())
+            due = [
+                left
+                for left in (guardian.timeout(), spare, self.trials.timeout())
+                if left is not None
+            ]
+            ready = self.selector.select(min(due, default=None))
             # A task's death first: its status is on the path from a crash to the parent token's
             # cancellation, and a request or the wake-up pipe's drain can wait a few microseconds.
             reported = guardian.reap()
@@ -261,11 +260,7 @@ class _Server:
                 # Supervisor's first start: its preload list, imported here now, failures named.
                 known = len(sys.modules)
                 self.reply(Preloaded(tuple(import_modules(names))))
-                if len(sys.modules) != known and self.spare is not None:
-                    # The spare was forked without them: its task would import them itself (and
-                    # miss the at-fork hooks they register). A fresh one is forked instead.
-                    self.drop_spare(kill=False)
-                    self.spare_due = time.monotonic()
+                self.renew_spare_since(known)
         return -1
 
     def reply(self, reply: Synced | Preloaded | StartFailed | int) -> None:
@@ -355,7 +350,7 @@ class _Server:
         # A process we just woke (the supervision thread, after a status write) may be queued on
         # our CPU: let it run before a fork keeps the CPU for a millisecond.
         os.sched_yield()
-        if wait_readable([self.sock.fileno()], 0):
+        if self.request_waits():
             return  # a request waits: it comes first (it forks its own task if need be)
         self.spare_due = None
         try:
@@ -375,11 +370,12 @@ class _Server:
         theirs.close()
         self.guardian.spares.add(pid)
         self.spare = _Spare(pid, mine)
-        if not wait_readable([self.sock.fileno()], 0):  # else the request first: see the header
+        if not self.request_waits():  # else the request first: see the header
             _rehearse()
             self.rehearse_reap()
 
     def request_waits(self) -> bool:
+        """True if the supervisor's next request is already there to be read."""
         return bool(wait_readable([self.sock.fileno()], 0))
 
     def import_passed(self) -> None:
@@ -388,9 +384,13 @@ class _Server:
         for passed in self.trials.take_passed():
             if import_modules([passed]):  # it did not raise in its trial: it may differ here
                 self.trials.never.add(passed)
+        self.renew_spare_since(known)
+
+    def renew_spare_since(self, known: int) -> None:
+        """Modules were imported here since ``sys.modules`` held ``known``: the spare, forked
+        without them, would import them itself (and miss the at-fork hooks they register). A
+        fresh one is forked instead, now."""
         if len(sys.modules) != known and self.spare is not None:
-            # Forked without them: its task would import them itself (and miss the at-fork
-            # hooks they register). A fresh one is forked instead, now.
             self.drop_spare(kill=False)
             self.spare_due = time.monotonic()
 
